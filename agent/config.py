@@ -1,0 +1,221 @@
+"""Configuration: one pydantic model tree, read from a TOML file and `TUXPILOT_*` environment variables.
+
+Every key has an environment name derived from its path: `nats.url` is `TUXPILOT_NATS_URL`,
+`monitor.memory.threshold` is `TUXPILOT_MONITOR_MEMORY_THRESHOLD`. Defaults live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from agent.errors import ConfigError
+from agent.manifest import DANGEROUS, Manifest, Permission
+
+ENV_PREFIX = "TUXPILOT_"
+SYSTEM_CONFIG = Path("/etc/tuxpilot/tuxpilot.toml")
+_TOKEN = re.compile(r"[^a-z0-9_-]+")
+
+
+def subject_token(text: str) -> str:
+    """`text` made a valid single subject token: lower-case `[a-z0-9_-]`, at most 64 characters."""
+    token = _TOKEN.sub("-", text.strip().lower()).strip("-")[:64]
+    return token or "localhost"
+
+
+def default_host_id() -> str:
+    return subject_token(socket.gethostname().split(".", 1)[0])
+
+
+def default_state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/tuxpilot")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "tuxpilot"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class NatsConfig(Section):
+    url: str | None = Field(None, description="Server URL(s), comma-separated; unset: start an embedded server.")
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    creds: Path | None = Field(None, description="A .creds file (JWT + nkey seed).")
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    connect_timeout_s: Seconds = 2.0
+    reconnect_wait_s: Seconds = 1.0
+    max_reconnect_attempts: int = Field(-1, description="-1: forever.")
+    request_timeout_s: Seconds = 5.0
+    pending_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
+
+    @property
+    def servers(self) -> list[str]:
+        return [u.strip() for u in (self.url or "").split(",") if u.strip()]
+
+
+class EmbeddedConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(-1, ge=-1, le=65535, description="-1: any free port.")
+    sync_interval: str = Field("1s", description="JetStream fsync interval; 'always' for every write.")
+    ready_timeout_s: Seconds = 10.0
+
+
+class CheckConfig(Section):
+    enabled: bool = True
+    threshold: float
+    clear: float
+    sustain_s: Annotated[float, Field(ge=0)] = 0.0
+
+    @model_validator(mode="after")
+    def _clear_below_threshold(self) -> Self:
+        if self.clear > self.threshold:
+            raise ValueError(f"clear ({self.clear}) must not be above threshold ({self.threshold})")
+        return self
+
+
+class MonitorConfig(Section):
+    enabled: bool = True
+    interval_s: Seconds = 10.0
+    metrics_interval_s: Seconds = 60.0
+    event_ttl_s: Seconds = 300.0
+    memory: CheckConfig = CheckConfig(threshold=90.0, clear=85.0, sustain_s=30.0)
+    swap: CheckConfig = CheckConfig(threshold=80.0, clear=70.0, sustain_s=60.0)
+    disk: CheckConfig = CheckConfig(threshold=90.0, clear=85.0, sustain_s=0.0)
+    cpu: CheckConfig = CheckConfig(threshold=90.0, clear=80.0, sustain_s=60.0)
+    load: CheckConfig = Field(
+        CheckConfig(threshold=2.0, clear=1.5, sustain_s=60.0),
+        description="1-minute load average per CPU core.",
+    )
+    ignore_fstypes: list[str] = ["squashfs", "tmpfs", "devtmpfs", "overlay", "iso9660", "nsfs", "ramfs"]
+
+
+class GateConfig(Section):
+    dry_run: bool = Field(False, description="Record dry_run instead of executing any action.")
+    action_timeout_s: Seconds = 10.0
+    cooldown_s: Annotated[float, Field(ge=0)] = Field(
+        60.0, description="Default pause between two runs of one action on one resource."
+    )
+    cooldowns: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict, description='Per action, keyed "plugin.action".'
+    )
+    dry_run_actions: list[str] = Field(default_factory=list, description='Actions ("plugin.action") only dry-run.')
+    max_payload: Annotated[int, Field(ge=1024)] = Field(256 * 1024, description="Largest proposal accepted, bytes.")
+    max_concurrency: Annotated[int, Field(ge=1)] = 256
+
+
+class PluginSettings(Section):
+    enabled: bool = True
+    permissions: list[Permission] | None = Field(
+        None, description="Granted permissions; unset: the manifest's non-dangerous ones."
+    )
+    config: dict[str, Any] = Field(default_factory=dict)
+
+    def granted(self, manifest: Manifest) -> frozenset[Permission]:
+        if self.permissions is not None:
+            return frozenset(self.permissions)
+        return frozenset(p for p in manifest.permissions if p not in DANGEROUS)
+
+
+class LogConfig(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["console", "json"] = "console"
+
+
+class Config(Section):
+    host_id: Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,64}$")] = Field(default_factory=default_host_id)
+    state_dir: Path = Field(default_factory=default_state_dir)
+    subject_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")] = "tuxpilot"
+    nats: NatsConfig = NatsConfig()
+    embedded: EmbeddedConfig = EmbeddedConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    gate: GateConfig = GateConfig()
+    plugin_dirs: list[Path] = Field(default_factory=list, description="Folders searched for plugins.")
+    run_plugins: list[str] = Field(["sysmon"], description="Local plugins `tuxpilot up` starts and supervises.")
+    plugins: dict[str, PluginSettings] = Field(default_factory=dict)
+    log: LogConfig = LogConfig()
+
+    def plugin(self, name: str) -> PluginSettings:
+        return self.plugins.get(name) or PluginSettings()
+
+
+def _env_overrides(model: type[BaseModel], environ: dict[str, str], path: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Nested dict of the values set by `TUXPILOT_*` variables, walking the model's fields."""
+    found: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        key = (*path, name)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            nested = _env_overrides(annotation, environ, key)
+            if nested:
+                found[name] = nested
+            continue
+        raw = environ.get(ENV_PREFIX + "_".join(key).upper())
+        if raw is None:
+            continue
+        if raw[:1] in "[{":
+            try:
+                found[name] = json.loads(raw)
+                continue
+            except json.JSONDecodeError:
+                pass
+        origin = getattr(annotation, "__origin__", None)
+        found[name] = [p.strip() for p in raw.split(",") if p.strip()] if origin is list else raw
+    return found
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def config_path(explicit: Path | None = None, environ: dict[str, str] | None = None) -> Path | None:
+    environ = dict(os.environ) if environ is None else environ
+    if explicit is not None:
+        return explicit
+    if environ.get(ENV_PREFIX + "CONFIG"):
+        return Path(environ[ENV_PREFIX + "CONFIG"])
+    return SYSTEM_CONFIG if SYSTEM_CONFIG.is_file() else None
+
+
+def load_config(path: Path | None = None, environ: dict[str, str] | None = None) -> Config:
+    """The configuration from `path` (or TUXPILOT_CONFIG) and the environment; ConfigError names the bad key."""
+    environ = dict(os.environ) if environ is None else environ
+    path = config_path(path, environ)
+    doc: dict[str, Any] = {}
+    if path is not None:
+        try:
+            doc = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from exc
+    # Merge onto the defaults so that setting one key of a section keeps the section's other defaults.
+    doc = _merge(_merge(Config().model_dump(), doc), _env_overrides(Config, environ))
+    try:
+        return Config.model_validate(doc)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        env = ENV_PREFIX + "_".join(str(p) for p in err["loc"]).upper()
+        where = f" (file {path})" if path else ""
+        raise ConfigError(f"config key {key}: {err['msg']}{where}; environment name {env}") from exc

@@ -1,0 +1,79 @@
+"""The exception hierarchy, and its one mapping to the wire's `error` document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Error codes to the numeric code carried in the NATS micro `Nats-Service-Error-Code` header.
+STATUS_CODES: dict[str, int] = {
+    "bad_request": 400,
+    "invalid_params": 400,
+    "invalid_config": 400,
+    "forbidden": 403,
+    "not_found": 404,
+    "unknown_plugin": 404,
+    "unknown_action": 404,
+    "conflict": 409,
+    "payload_too_large": 413,
+    "internal": 500,
+    "unavailable": 503,
+    "timeout": 504,
+}
+
+
+class TuxPilotError(Exception):
+    """An error with a code that travels: raised in code, sent as an `error` document."""
+
+    code = "internal"
+
+    def __init__(self, message: str, *, code: str | None = None, details: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.details = details or {}
+
+    @property
+    def status(self) -> int:
+        return STATUS_CODES.get(self.code, 500)
+
+    def to_doc(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            doc["details"] = self.details
+        return doc
+
+
+class BadRequest(TuxPilotError):
+    code = "bad_request"
+
+
+class InvalidParams(TuxPilotError):
+    code = "invalid_params"
+
+
+class PayloadTooLarge(TuxPilotError):
+    code = "payload_too_large"
+
+
+class NotFound(TuxPilotError):
+    code = "not_found"
+
+
+class Forbidden(TuxPilotError):
+    code = "forbidden"
+
+
+class Unavailable(TuxPilotError):
+    code = "unavailable"
+
+
+class ConfigError(TuxPilotError):
+    code = "invalid_config"
+
+
+def error_doc(exc: BaseException) -> dict[str, Any]:
+    """The `error` document for any exception; unexpected ones say only their type."""
+    if isinstance(exc, TuxPilotError):
+        return exc.to_doc()
+    return {"code": "internal", "message": f"{type(exc).__name__}: {exc}"[:4096]}

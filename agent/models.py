@@ -1,0 +1,152 @@
+"""The documents on the wire (event, proposal, result, error, metrics) as pydantic models.
+
+They mirror `schemas/*.json`; tests/test_models.py proves the two agree.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Token = Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,64}$")]
+Id = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
+EventType = Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,64}\.[a-z0-9_-]{1,64}$")]
+Severity = Literal["info", "warning", "critical"]
+Status = Literal[
+    "ok", "error", "refused", "suppressed", "dry_run", "timeout", "unavailable", "expired", "duplicate", "dead_letter"
+]
+Reason = Annotated[str, Field(pattern=r"^[a-z0-9_]{1,64}$")]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Doc(BaseModel):
+    """A wire document: unknown fields are refused, as the schemas refuse them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+    def to_doc(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+class Event(Doc):
+    id: Id = Field(default_factory=new_id)
+    type: EventType
+    host: Token
+    time: datetime = Field(default_factory=now)
+    severity: Severity = "warning"
+    source: Token | None = None
+    value: FiniteFloat | None = None
+    threshold: FiniteFloat | None = None
+    unit: Annotated[str, Field(max_length=32)] | None = None
+    resource: Annotated[str, Field(max_length=1024)] | None = None
+    ttl: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def category(self) -> str:
+        return self.type.split(".", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return self.type.split(".", 1)[1]
+
+    def expired(self, at: datetime | None = None) -> bool:
+        if self.ttl is None:
+            return False
+        return ((at or now()) - self.time).total_seconds() > self.ttl
+
+
+class ProposedAction(Doc):
+    plugin: Token
+    action: Token
+    params: dict[str, Any] = Field(default_factory=dict)
+    reason: Annotated[str, Field(max_length=1024)] | None = None
+    resource: Annotated[str, Field(max_length=1024)] | None = None
+
+
+class Proposal(Doc):
+    id: Id = Field(default_factory=new_id)
+    event_id: Id
+    plugin: Token
+    time: datetime = Field(default_factory=now)
+    event: Event | None = None
+    actions: Annotated[list[ProposedAction], Field(min_length=1, max_length=32)]
+
+
+class ErrorDoc(Doc):
+    code: Reason
+    message: Annotated[str, Field(max_length=4096)]
+    details: dict[str, Any] | None = None
+
+
+class Artifact(Doc):
+    name: Annotated[str, Field(max_length=256)]
+    media_type: Annotated[str, Field(max_length=128)] | None = None
+    content: str | None = None
+    url: str | None = None
+
+
+class Result(Doc):
+    id: Id | None = None
+    status: Status
+    reason: Reason | None = None
+    message: Annotated[str, Field(max_length=4096)] | None = None
+    data: Any = None
+    artifacts: list[Artifact] | None = None
+    error: ErrorDoc | None = None
+    host: Token | None = None
+    plugin: Token | None = None
+    action: Token | None = None
+    params: dict[str, Any] | None = None
+    event_id: Annotated[str, Field(max_length=128)] | None = None
+    proposal_id: Annotated[str, Field(max_length=128)] | None = None
+    proposed_by: Annotated[str, Field(max_length=64)] | None = None
+    time: datetime | None = None
+    duration_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+
+
+Percent = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
+Bytes = Annotated[int, Field(ge=0)]
+
+
+class Usage(Doc):
+    total: Bytes
+    used: Bytes
+    available: Bytes | None = None
+    percent: Percent
+
+
+class DiskUsage(Doc):
+    mountpoint: str
+    device: str | None = None
+    fstype: str | None = None
+    total: Bytes
+    used: Bytes
+    available: Bytes | None = None
+    percent: Percent
+
+
+class Metrics(Doc):
+    host: Token
+    time: datetime = Field(default_factory=now)
+    cpu_percent: Percent
+    cpu_count: Annotated[int, Field(ge=1)] | None = None
+    load: Annotated[list[Annotated[float, Field(ge=0, allow_inf_nan=False)]], Field(min_length=3, max_length=3)]
+    memory: Usage
+    swap: Usage
+    disks: list[DiskUsage]
+    uptime_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
