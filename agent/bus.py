@@ -11,6 +11,7 @@ import structlog
 from nats.aio.client import Client
 
 from agent.config import Config, NatsConfig
+from agent.models import Event
 
 log = structlog.get_logger("tuxpilot.bus")
 
@@ -54,6 +55,11 @@ class Subjects:
     @classmethod
     def of(cls, config: Config) -> Subjects:
         return cls(prefix=config.subject_prefix, host=config.host_id)
+
+
+async def publish_event(nc: Client, subjects: Subjects, event: Event) -> None:
+    """Publish one event on its subject, `<prefix>.evt.<host>.<category>.<name>`."""
+    await nc.publish(subjects.event(event.type, event.host), event.to_json())
 
 
 def url_file(state_dir: Path) -> Path:

@@ -40,6 +40,8 @@ DANGEROUS = frozenset(
     }
 )
 
+SEMVER = r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$"
+
 Category = Literal[
     "monitoring", "integration", "automation", "security", "development", "cloud",
     "networking", "storage", "virtualization", "custom",
@@ -76,7 +78,7 @@ class Limits(Spec):
 
 class Manifest(Spec):
     name: Token
-    version: Annotated[str, Field(pattern=r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")]
+    version: Annotated[str, Field(pattern=SEMVER)]
     description: str
     author: str | None = None
     license: str | None = None

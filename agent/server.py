@@ -5,6 +5,7 @@ Used by `tuxpilot up` when no server is configured, by the benchmark, and by the
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -36,10 +37,8 @@ def server_binary() -> str:
 
 def _die_with_parent() -> None:
     # Linux: the server gets SIGTERM when the process that started it dies, even by SIGKILL.
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 class NatsServer:

@@ -1,0 +1,436 @@
+"""The Python plugin SDK: declare event handlers and actions; the SDK serves them on NATS.
+
+    plugin = Plugin.here(__file__)          # reads plugin.toml beside the file
+
+    @plugin.on("memory.high")
+    async def hungry(event, ctx):
+        return [ctx.propose("top_processes", {"by": "memory"}, reason="memory high")]
+
+    @plugin.action("top_processes")
+    def top(params, ctx):                   # plain functions run in a worker thread
+        return {"processes": [...]}          # -> {"status": "ok", "data": {...}}
+
+Actions are NATS micro endpoints on `tuxpilot.act.<host>.<plugin>.<action>` in a queue group named
+after the plugin, so replicas share the load and `nats micro ls` finds them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import importlib.util
+import inspect
+import json
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import EndpointStats, Service
+
+from agent import bus, registry
+from agent.config import Config, load_config
+from agent.errors import BadRequest, ConfigError, Forbidden, PayloadTooLarge, TuxPilotError, error_doc
+from agent.manifest import Manifest
+from agent.manifest import load as load_manifest
+from agent.models import Event, Proposal, ProposedAction, Result, new_id
+
+ACTION_ID_HEADER = "Tuxpilot-Action-Id"
+EVENT_ID_HEADER = "Tuxpilot-Event-Id"
+MAX_PARAMS_BYTES = 256 * 1024
+
+
+class ActionError(TuxPilotError):
+    """Raised by an action handler: the caller gets an `error` document with this code and message."""
+
+
+EventHandler = Callable[[Event, "Context"], Any]
+ActionHandler = Callable[[dict[str, Any], "Context"], Any]
+TaskHandler = Callable[["Context"], Any]
+
+
+@dataclass
+class Context:
+    """What a handler gets besides its input: who it is, a bound logger, its settings, ways to talk back."""
+
+    plugin: Plugin
+    host: str
+    log: Any
+    config: dict[str, Any]
+    event: Event | None = None
+    action_id: str | None = None
+
+    def propose(
+        self,
+        action: str,
+        params: dict[str, Any] | None = None,
+        *,
+        reason: str | None = None,
+        resource: str | None = None,
+    ) -> ProposedAction:
+        """One of this plugin's own actions, proposed to the gate."""
+        if action not in self.plugin.manifest.actions:
+            raise ConfigError(f"{self.plugin.name}: proposes undeclared action {action!r}")
+        if resource is None and self.event is not None:
+            resource = self.event.resource
+        return ProposedAction(
+            plugin=self.plugin.name, action=action, params=params or {}, reason=reason, resource=resource
+        )
+
+    async def emit(self, event_type: str, **fields: Any) -> Event:
+        """Publish an event of a category the manifest declares in `emits`."""
+        return await self.plugin.emit(event_type, **fields)
+
+
+def _matches(pattern: str, event_type: str) -> bool:
+    return fnmatch.fnmatchcase(event_type, pattern)
+
+
+async def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    if inspect.iscoroutinefunction(fn):
+        return await fn(*args)
+    return await asyncio.to_thread(fn, *args)
+
+
+def parse_params(raw: bytes, limit: int = MAX_PARAMS_BYTES) -> dict[str, Any]:
+    """A request body as action params: empty means no params; anything else must be a JSON object."""
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"params are {len(raw)} bytes; the limit is {limit}")
+    if not raw.strip():
+        return {}
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"params are not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise BadRequest(f"params must be a JSON object, not {type(doc).__name__}")
+    return doc
+
+
+def with_defaults(schema: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Fill the top-level defaults the params schema declares, as authors expect of a schema."""
+    props = schema.get("properties") or {}
+    missing = {k: v["default"] for k, v in props.items() if isinstance(v, dict) and "default" in v and k not in params}
+    return {**missing, **params} if missing else params
+
+
+def to_result(value: Any) -> Result:
+    if isinstance(value, Result):
+        return value
+    return Result(status="ok", data=value)
+
+
+class Plugin:
+    """A plugin: its manifest, its handlers, and (once started) its NATS service."""
+
+    def __init__(self, manifest: Manifest, folder: Path | None = None):
+        self.manifest = manifest
+        self.folder = folder
+        self.name = manifest.name
+        self._event_handlers: list[tuple[str, EventHandler]] = []
+        self._actions: dict[str, ActionHandler] = {}
+        self._tasks_every: list[tuple[float, TaskHandler]] = []
+        self._on_start: list[TaskHandler] = []
+        self._on_stop: list[TaskHandler] = []
+        self._running: _Running | None = None
+
+    @classmethod
+    def here(cls, file: str | Path) -> Plugin:
+        """The plugin whose plugin.toml sits beside `file` (pass `__file__`)."""
+        folder = Path(file).resolve().parent
+        return cls(load_manifest(folder), folder)
+
+    # -- declaring -------------------------------------------------------------------------------
+
+    def on(self, pattern: str) -> Callable[[EventHandler], EventHandler]:
+        """Handle events whose type matches `pattern` (`memory.high`, `disk.*`); must be subscribed."""
+        if not any(_matches(sub, pattern) or sub == pattern for sub in self.manifest.subscribes):
+            raise ConfigError(f"{self.name}: handler for {pattern!r}, which plugin.toml does not subscribe")
+
+        def register(fn: EventHandler) -> EventHandler:
+            self._event_handlers.append((pattern, fn))
+            return fn
+
+        return register
+
+    def action(self, name: str) -> Callable[[ActionHandler], ActionHandler]:
+        """Serve action `name`, declared in plugin.toml with its params schema."""
+        if name not in self.manifest.actions:
+            raise ConfigError(f"{self.name}: action {name!r} is not declared in plugin.toml")
+
+        def register(fn: ActionHandler) -> ActionHandler:
+            self._actions[name] = fn
+            return fn
+
+        return register
+
+    def every(self, seconds: float) -> Callable[[TaskHandler], TaskHandler]:
+        """Run `fn(ctx)` every `seconds` while the plugin runs (errors are logged, the loop goes on)."""
+
+        def register(fn: TaskHandler) -> TaskHandler:
+            self._tasks_every.append((seconds, fn))
+            return fn
+
+        return register
+
+    def on_start(self, fn: TaskHandler) -> TaskHandler:
+        self._on_start.append(fn)
+        return fn
+
+    def on_stop(self, fn: TaskHandler) -> TaskHandler:
+        self._on_stop.append(fn)
+        return fn
+
+    # -- running ---------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> _Running:
+        if self._running is None:
+            raise RuntimeError(f"plugin {self.name} is not started")
+        return self._running
+
+    async def start(self, nc: Client, config: Config) -> None:
+        """Announce the manifest, serve the actions, subscribe to the events."""
+        settings = {**self.manifest.config, **config.plugin(self.name).config}
+        run = _Running(self, nc, config, bus.Subjects.of(config), settings)
+        self._running = run
+        await run.start()
+
+    async def stop(self) -> None:
+        if self._running is not None:
+            await self._running.stop()
+            self._running = None
+
+    async def emit(self, event_type: str, **fields: Any) -> Event:
+        run = self.running
+        category = event_type.split(".", 1)[0]
+        if category not in self.manifest.emits:
+            raise Forbidden(f"{self.name} may not emit {category!r} events (plugin.toml `emits`)")
+        event = Event(type=event_type, host=run.subjects.host, source=self.name, **fields)
+        await bus.publish_event(run.nc, run.subjects, event)
+        return event
+
+    async def main(self, config: Config) -> None:
+        """Connect, serve until SIGINT/SIGTERM, then stop cleanly."""
+        url = bus.local_url(config)
+        if url is None:
+            raise ConfigError("no NATS server: set TUXPILOT_NATS_URL or start `tuxpilot up`")
+        nc = await bus.connect(config.nats, url, name=f"tuxpilot-plugin-{self.name}")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.start(nc, config)
+            await stop.wait()
+        finally:
+            await self.stop()
+            with contextlib.suppress(Exception):
+                await nc.drain()
+
+    def run(self, config: Config | None = None) -> None:
+        """Blocking entry for `python plugin.py`."""
+        from agent.log import setup
+
+        config = config or load_config()
+        setup(config.log.level, config.log.format)
+        asyncio.run(self.main(config))
+
+
+@dataclass
+class _Running:
+    """One started plugin: its connection, service, subscriptions and tasks."""
+
+    plugin: Plugin
+    nc: Client
+    config: Config
+    subjects: bus.Subjects
+    settings: dict[str, Any]
+    instance: str = field(default_factory=new_id)
+    service: Service | None = None
+    log: Any = None
+    slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(64))
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    subs: list[Any] = field(default_factory=list)
+    counts: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def context(self, event: Event | None = None, action_id: str | None = None, **bind: Any) -> Context:
+        log = self.log.bind(**bind)
+        if event is not None:
+            log = log.bind(event_id=event.id)
+        if action_id is not None:
+            log = log.bind(action_id=action_id)
+        return Context(self.plugin, self.subjects.host, log, self.settings, event, action_id)
+
+    async def start(self) -> None:
+        p = self.plugin
+        self.log = structlog.get_logger("tuxpilot.plugin").bind(plugin=p.name, host=self.subjects.host)
+        for fn in p._on_start:
+            await _call(fn, self.context())
+        await registry.announce(self.nc.jetstream(), self.subjects, p.manifest, self.instance)
+        self.service = await add_service(
+            self.nc,
+            name=p.name,
+            version=p.manifest.version,
+            description=p.manifest.description[:256],
+            metadata={"tuxpilot": "plugin", "host": self.subjects.host, "api_version": p.manifest.api_version},
+            queue_group=p.name,
+            stats_handler=self._stats,
+        )
+        for name in p.manifest.actions:
+            if name not in p._actions:
+                self.log.warning("plugin.action_without_handler", action=name)
+                continue
+            await self.service.add_endpoint(
+                name=name, subject=self.subjects.act(p.name, name), handler=self._endpoint(name)
+            )
+        for pattern in p.manifest.subscribes:
+            sub = await self.nc.subscribe(
+                self.subjects.events(pattern, host=None), queue=p.name, cb=self._on_event_msg
+            )
+            self.subs.append(sub)
+        for seconds, fn in p._tasks_every:
+            self._spawn(self._every(seconds, fn))
+        await self.nc.flush()
+        self.log.info("plugin.started", version=p.manifest.version, actions=sorted(p._actions))
+
+    async def stop(self) -> None:
+        for sub in self.subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        if self.service is not None:
+            with contextlib.suppress(Exception):
+                await self.service.stop()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for fn in self.plugin._on_stop:
+            with contextlib.suppress(Exception):
+                await _call(fn, self.context())
+        self.log.info("plugin.stopped")
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # -- events ----------------------------------------------------------------------------------
+
+    async def _on_event_msg(self, msg: Msg) -> None:
+        try:
+            event = Event.model_validate_json(msg.data)
+        except ValueError as exc:
+            self.log.warning("plugin.bad_event", subject=msg.subject, error=str(exc)[:300])
+            return
+        await self.handle_event(event)
+
+    async def handle_event(self, event: Event) -> Proposal | None:
+        """Run the matching handlers and publish their proposed actions as one proposal."""
+        ctx = self.context(event)
+        actions: list[ProposedAction] = []
+        for pattern, fn in self.plugin._event_handlers:
+            if not _matches(pattern, event.type):
+                continue
+            try:
+                proposed = await _call(fn, event, ctx)
+            except Exception:
+                ctx.log.exception("plugin.event_handler_failed", type=event.type)
+                continue
+            actions.extend(_as_actions(proposed))
+        if not actions:
+            return None
+        proposal = Proposal(event_id=event.id, plugin=self.plugin.name, event=event, actions=actions)
+        await self.nc.publish(self.subjects.proposal(event.host), proposal.to_json())
+        ctx.log.info("plugin.proposed", actions=[a.action for a in actions], proposal_id=proposal.id)
+        return proposal
+
+    # -- actions ---------------------------------------------------------------------------------
+
+    def _endpoint(self, action: str) -> Callable[[Request], Awaitable[None]]:
+        async def handle(req: Request) -> None:
+            # Handlers of one subscription run one at a time; answer in a task so a slow action
+            # does not hold up the next request. The semaphore bounds how many run at once.
+            await self.slots.acquire()
+            self._spawn(self._answer(req, action))
+
+        return handle
+
+    async def _answer(self, req: Request, action: str) -> None:
+        started = time.perf_counter()
+        headers = req.headers or {}
+        action_id = headers.get(ACTION_ID_HEADER) or new_id()
+        ctx = self.context(action=action, action_id=action_id)
+        if headers.get(EVENT_ID_HEADER):
+            ctx.log = ctx.log.bind(event_id=headers[EVENT_ID_HEADER])
+        ctx.action_id = action_id
+        stat = self.counts.setdefault(action, {"ok": 0, "error": 0, "ms_total": 0.0})
+        try:
+            params = parse_params(req.data)
+            spec = self.plugin.manifest.params_validator(action)
+            spec.check(params)
+            params = with_defaults(self.plugin.manifest.actions[action].params, params)
+            result = to_result(await _call(self.plugin._actions[action], params, ctx))
+            body = result.to_json()
+            await req.respond(body)
+            stat["ok"] += 1
+            ctx.log.debug("action.done", status=result.status, ms=round((time.perf_counter() - started) * 1000, 2))
+        except Exception as exc:  # every failure becomes an `error` reply; the plugin lives on
+            stat["error"] += 1
+            doc = error_doc(exc)
+            if isinstance(exc, TuxPilotError):
+                ctx.log.info("action.refused", code=doc["code"], error=doc["message"])
+            else:
+                ctx.log.exception("action.failed")
+            code = str(exc.status) if isinstance(exc, TuxPilotError) else "500"
+            with contextlib.suppress(Exception):
+                await req.respond_error(code, doc["message"][:1000].replace("\n", " "), data=json.dumps(doc).encode())
+        finally:
+            stat["ms_total"] += (time.perf_counter() - started) * 1000
+            self.slots.release()
+
+    def _stats(self, endpoint: EndpointStats) -> dict[str, Any]:
+        # Requests are answered in tasks, so the framework's own error count misses handler failures.
+        return {"instance": self.instance, **self.counts.get(endpoint.name, {})}
+
+    async def _every(self, seconds: float, fn: TaskHandler) -> None:
+        while True:
+            try:
+                await _call(fn, self.context())
+            except Exception:
+                self.log.exception("plugin.task_failed", task=getattr(fn, "__name__", "task"))
+            await asyncio.sleep(seconds)
+
+
+def _as_actions(value: Any) -> Iterable[ProposedAction]:
+    if value is None:
+        return []
+    if isinstance(value, ProposedAction):
+        return [value]
+    return [a if isinstance(a, ProposedAction) else ProposedAction.model_validate(a) for a in value]
+
+
+def load_plugin(folder: Path) -> Plugin:
+    """Import a Python plugin's entry point and return the Plugin it defines."""
+    manifest = load_manifest(folder)
+    if manifest.runtime != "python":
+        raise ConfigError(f"{folder}: runtime {manifest.runtime!r} is not run by the Python SDK")
+    entry = folder / manifest.entry_point
+    spec = importlib.util.spec_from_file_location(f"tuxpilot_plugin_{manifest.name.replace('-', '_')}", entry)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"{entry}: cannot import")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    found = [v for v in vars(module).values() if isinstance(v, Plugin)]
+    if len(found) != 1:
+        raise ConfigError(f"{entry}: defines {len(found)} Plugin objects; exactly one is needed")
+    return found[0]
