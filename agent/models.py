@@ -9,7 +9,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 Token = Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,64}$")]
 Id = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
@@ -43,11 +43,13 @@ class Doc(BaseModel):
 
 
 class Event(Doc):
-    id: Id = Field(default_factory=new_id)
+    """Parsed events must carry id, time and severity, as the schema says; `Event.new` fills them."""
+
+    id: Id
     type: EventType
     host: Token
-    time: datetime = Field(default_factory=now)
-    severity: Severity = "warning"
+    time: AwareDatetime
+    severity: Severity
     source: Token | None = None
     value: FiniteFloat | None = None
     threshold: FiniteFloat | None = None
@@ -55,6 +57,11 @@ class Event(Doc):
     resource: Annotated[str, Field(max_length=1024)] | None = None
     ttl: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
     data: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def new(cls, type: str, host: str, *, severity: Severity = "warning", **fields: Any) -> Event:
+        """A fresh event: a new id, the current time."""
+        return cls(id=new_id(), type=type, host=host, time=now(), severity=severity, **fields)
 
     @property
     def category(self) -> str:
@@ -82,7 +89,7 @@ class Proposal(Doc):
     id: Id = Field(default_factory=new_id)
     event_id: Id
     plugin: Token
-    time: datetime = Field(default_factory=now)
+    time: AwareDatetime = Field(default_factory=now)
     event: Event | None = None
     actions: Annotated[list[ProposedAction], Field(min_length=1, max_length=32)]
 
@@ -115,7 +122,7 @@ class Result(Doc):
     event_id: Annotated[str, Field(max_length=128)] | None = None
     proposal_id: Annotated[str, Field(max_length=128)] | None = None
     proposed_by: Annotated[str, Field(max_length=64)] | None = None
-    time: datetime | None = None
+    time: AwareDatetime | None = None
     duration_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
 
 
@@ -142,7 +149,7 @@ class DiskUsage(Doc):
 
 class Metrics(Doc):
     host: Token
-    time: datetime = Field(default_factory=now)
+    time: AwareDatetime = Field(default_factory=now)
     cpu_percent: Percent
     cpu_count: Annotated[int, Field(ge=1)] | None = None
     load: Annotated[list[Annotated[float, Field(ge=0, allow_inf_nan=False)]], Field(min_length=3, max_length=3)]

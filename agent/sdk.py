@@ -215,7 +215,7 @@ class Plugin:
         category = event_type.split(".", 1)[0]
         if category not in self.manifest.emits:
             raise Forbidden(f"{self.name} may not emit {category!r} events (plugin.toml `emits`)")
-        event = Event(type=event_type, host=run.subjects.host, source=self.name, **fields)
+        event = Event.new(event_type, run.subjects.host, source=self.name, **fields)
         await bus.publish_event(run.nc, run.subjects, event)
         return event
 

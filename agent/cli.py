@@ -1,0 +1,386 @@
+"""The `tuxpilot` command line: parses, calls the library, renders. No logic lives only here.
+
+Exit codes: 0 done, 1 the action or command failed, 2 bad usage or config, 3 no server or no
+responders, 4 timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from agent import __version__, bus, schemas
+from agent.app import Agent, plugin_dirs
+from agent.config import Config, load_config
+from agent.errors import ConfigError, TuxPilotError
+from agent.log import setup as setup_logging
+from agent.manifest import discover
+from agent.models import Event, new_id, now
+from agent.registry import live_instances, open_bucket
+
+EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_TIMEOUT = 1, 2, 3, 4
+
+app = typer.Typer(help="TuxPilot: event-driven automation for Linux fleets on NATS.", no_args_is_help=True)
+plugin_app = typer.Typer(help="Plugins: list, run.", no_args_is_help=True)
+event_app = typer.Typer(help="Inject test events.", no_args_is_help=True)
+events_app = typer.Typer(help="Watch events.", no_args_is_help=True)
+schema_app = typer.Typer(help="The JSON Schemas that are the contract with plugins.", no_args_is_help=True)
+app.add_typer(plugin_app, name="plugin")
+app.add_typer(event_app, name="event")
+app.add_typer(events_app, name="events")
+app.add_typer(schema_app, name="schema")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _config(ctx: typer.Context) -> Config:
+    config: Config = ctx.obj
+    return config
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="TOML config file (default: $TUXPILOT_CONFIG).")
+    ] = None,
+) -> None:
+    try:
+        ctx.obj = load_config(config)
+    except ConfigError as exc:
+        fail(exc.message, EXIT_USAGE)
+    setup_logging(ctx.obj.log.level, ctx.obj.log.format)
+
+
+def _run(coro: Awaitable[Any]) -> Any:
+    try:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        fail(exc.message, EXIT_USAGE)
+    except TuxPilotError as exc:
+        fail(exc.message, EXIT_UNAVAILABLE if exc.code == "unavailable" else EXIT_FAILED)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+async def _connect(config: Config) -> Client:
+    url = bus.local_url(config)
+    if url is None:
+        fail("no NATS server: set TUXPILOT_NATS_URL or nats.url, or start `tuxpilot up`", EXIT_UNAVAILABLE)
+    try:
+        return await bus.connect(config.nats, url, name="tuxpilot-cli")
+    except Exception as exc:
+        fail(f"cannot connect to {url}: {exc}", EXIT_UNAVAILABLE)
+
+
+# -- rendering -----------------------------------------------------------------------------------
+
+
+def describe(subject: str, data: bytes) -> str:
+    """One line for an event, proposal or result seen on the bus."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return f"{subject} (not JSON, {len(data)} bytes)"
+    if not isinstance(doc, dict):
+        return f"{subject} {doc!r}"[:300]
+    at = datetime.now().strftime("%H:%M:%S")
+    kind = subject.split(".")[1] if subject.count(".") >= 1 else "?"
+    if kind == "evt":
+        figures = " ".join(f"{k}={doc[k]}" for k in ("value", "threshold", "resource") if doc.get(k) is not None)
+        return f"{at} [cyan]event[/]    {doc.get('host')} {doc.get('type')} {doc.get('severity')} {figures}"
+    if kind == "proposal":
+        acts = ", ".join(f"{a.get('plugin')}.{a.get('action')}" for a in doc.get("actions") or [])
+        return f"{at} [yellow]proposal[/] {doc.get('plugin')} → {acts} (event {str(doc.get('event_id'))[:8]})"
+    if kind == "result":
+        colour = "green" if doc.get("status") == "ok" else "red"
+        why = f" {doc['reason']}" if doc.get("reason") else ""
+        ms = f" {doc['duration_ms']:.0f} ms" if isinstance(doc.get("duration_ms"), int | float) else ""
+        msg = f" — {doc['message']}" if doc.get("message") else ""
+        return (
+            f"{at} [{colour}]result[/]   {doc.get('plugin')}.{doc.get('action')} "
+            f"[{colour}]{doc.get('status')}[/]{why}{ms}{msg}"
+        )
+    return f"{at} {subject} {json.dumps(doc)[:200]}"
+
+
+async def _follow(nc: Client, subjects: list[str], count: int | None, as_json: bool) -> None:
+    done = asyncio.Event()
+    seen = 0
+
+    async def show(msg: Any) -> None:
+        nonlocal seen
+        if as_json:
+            out.print(msg.data.decode(errors="replace"), markup=False)
+        else:
+            out.print(describe(msg.subject, msg.data))
+        seen += 1
+        if count is not None and seen >= count:
+            done.set()
+
+    for subject in subjects:
+        await nc.subscribe(subject, cb=show)
+    await nc.flush()
+    await done.wait()
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+@app.command()
+def up(ctx: typer.Context, quiet: Annotated[bool, typer.Option(help="Do not print the bus traffic.")] = False) -> None:
+    """Start nats-server (unless TUXPILOT_NATS_URL is set), the agent and the local plugins; Ctrl-C stops all."""
+    config = _config(ctx)
+
+    async def main() -> None:
+        agent = Agent(config, embedded=True)
+        ready = asyncio.Event()
+        runner = asyncio.create_task(agent.run(ready))
+        await asyncio.wait([runner, asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if runner.done():
+            await runner  # start failed: raise its error
+            return
+        out.print(f"TuxPilot {__version__} up on [bold]{agent.url}[/] as host [bold]{config.host_id}[/]")
+        sys.stdout.flush()
+        if not quiet and agent.nc is not None:
+            s = agent.subjects
+            watch = [s.events(host=s.host), s.proposal(), s.results(s.host)]
+            for subject in watch:
+                await agent.nc.subscribe(subject, cb=lambda m: _print_line(m.subject, m.data))
+        await runner
+
+    _run(main())
+
+
+def _print_line(subject: str, data: bytes) -> Awaitable[None]:
+    out.print(describe(subject, data))
+    sys.stdout.flush()
+    return asyncio.sleep(0)
+
+
+@app.command()
+def agent(ctx: typer.Context) -> None:
+    """Run the agent (gate, monitor, local plugins) against the configured NATS server."""
+    config = _config(ctx)
+    if bus.local_url(config) is None:
+        fail("config key nats.url: the agent needs a server (TUXPILOT_NATS_URL); `tuxpilot up` embeds one", 2)
+    _run(Agent(config, embedded=False).run())
+
+
+@app.command()
+def call(
+    ctx: typer.Context,
+    host: str,
+    plugin: str,
+    action: str,
+    params: Annotated[str, typer.Argument(help="JSON object of params.")] = "{}",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the reply.")] = 10.0,
+) -> None:
+    """Call an action directly, as `nats req tuxpilot.act.HOST.PLUGIN.ACTION PARAMS` would."""
+    config = _config(ctx)
+    subjects = bus.Subjects.of(config)
+
+    async def main() -> int:
+        nc = await _connect(config)
+        try:
+            try:
+                msg = await nc.request(subjects.act(plugin, action, host), params.encode(), timeout=timeout)
+            except NoRespondersError:
+                known = await _actions_of(nc, subjects, host, plugin)
+                hint = f"; {plugin} on {host} has: {', '.join(known)}" if known else f"; is {plugin} running on {host}?"
+                fail(f"no responders for {plugin}.{action} on {host}{hint}", EXIT_UNAVAILABLE)
+            except NatsTimeout:
+                fail(f"no reply within {timeout} s", EXIT_TIMEOUT)
+            out.print_json(msg.data.decode(errors="replace"))
+            return EXIT_FAILED if (msg.headers or {}).get("Nats-Service-Error-Code") else 0
+        finally:
+            await nc.close()
+
+    raise typer.Exit(_run(main()))
+
+
+async def _actions_of(nc: Client, subjects: bus.Subjects, host: str, plugin: str) -> list[str]:
+    try:
+        kv = await open_bucket(nc.jetstream(), subjects)
+        entry = await kv.get(f"{host}.{plugin}")
+        return sorted(json.loads(entry.value or b"{}")["manifest"].get("actions", {}))
+    except Exception:
+        return []
+
+
+@plugin_app.command("list")
+def plugin_list(
+    ctx: typer.Context,
+    live: Annotated[bool, typer.Option(help="Also ask the bus which instances are running.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """The installed plugins (built-in and in plugin_dirs), with their actions and permissions."""
+    config = _config(ctx)
+    try:
+        found = discover(plugin_dirs(config))
+    except ConfigError as exc:
+        fail(exc.message, EXIT_USAGE)
+    running: dict[str, int] = {}
+    if live:
+
+        async def ping() -> None:
+            nc = await _connect(config)
+            for inst in await live_instances(nc, config.host_id):
+                running[inst["name"]] = running.get(inst["name"], 0) + 1
+            await nc.close()
+
+        _run(ping())
+    rows = []
+    for name, (folder, m) in sorted(found.items()):
+        granted = sorted(p.value for p in config.plugin(name).granted(m))
+        rows.append(
+            {
+                "name": name,
+                "version": m.version,
+                "category": m.category,
+                "runtime": m.runtime,
+                "actions": sorted(m.actions),
+                "permissions": [p.value for p in m.permissions],
+                "granted": granted,
+                "path": str(folder),
+                **({"running": running.get(name, 0)} if live else {}),
+            }
+        )
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table("plugin", "version", "category", "runtime", "actions", "granted", *(["running"] if live else []))
+    for r in rows:
+        extra = [str(r["running"])] if live else []
+        cells = [r["name"], r["version"], r["category"], r["runtime"], ", ".join(r["actions"]), ", ".join(r["granted"])]
+        table.add_row(*cells, *extra)
+    out.print(table)
+
+
+@plugin_app.command("run")
+def plugin_run(ctx: typer.Context, path: Path) -> None:
+    """Run the Python plugin in folder PATH against the configured (or local `up`) server."""
+    from agent.sdk import load_plugin
+
+    config = _config(ctx)
+    try:
+        plugin = load_plugin(path.resolve())
+    except ConfigError as exc:
+        fail(exc.message, EXIT_USAGE)
+    _run(plugin.main(config))
+
+
+@event_app.command("emit")
+def event_emit(
+    ctx: typer.Context,
+    event_type: Annotated[str, typer.Argument(metavar="TYPE", help="category.name, e.g. memory.high")],
+    value: Annotated[float | None, typer.Option(help="The reading.")] = None,
+    host: Annotated[str | None, typer.Option(help="Host id (default: this host).")] = None,
+    severity: Annotated[str, typer.Option(help="info, warning or critical.")] = "warning",
+    resource: Annotated[str | None, typer.Option(help="What it is about (a mountpoint, a container).")] = None,
+    threshold: Annotated[float | None, typer.Option(help="The threshold crossed.")] = None,
+    ttl: Annotated[float | None, typer.Option(help="Seconds during which acting on it makes sense.")] = None,
+) -> None:
+    """Publish one test event, as the monitor would."""
+    config = _config(ctx)
+    subjects = bus.Subjects.of(config)
+    try:
+        event = Event.model_validate(
+            {
+                "id": new_id(),
+                "time": now(),
+                "type": event_type,
+                "host": host or config.host_id,
+                "value": value,
+                "severity": severity,
+                "resource": resource,
+                "threshold": threshold,
+                "ttl": ttl,
+                "source": "cli",
+            }
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        fail(f"invalid event: {'.'.join(map(str, first['loc']))}: {first['msg']}", EXIT_USAGE)
+
+    async def main() -> None:
+        nc = await _connect(config)
+        await bus.publish_event(nc, subjects, event)
+        await nc.flush()
+        await nc.close()
+
+    _run(main())
+    out.print_json(event.to_json().decode())
+
+
+@events_app.command("tail")
+def events_tail(
+    ctx: typer.Context,
+    pattern: Annotated[str, typer.Argument(help="category.name with * wildcards, or > for all.")] = ">",
+    host: Annotated[str, typer.Option(help="Host id, or * for every host.")] = "*",
+    results: Annotated[bool, typer.Option(help="Also show proposals and results.")] = False,
+    count: Annotated[int | None, typer.Option(help="Stop after this many messages.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print each message's JSON.")] = False,
+) -> None:
+    """Follow events on the bus (Ctrl-C stops)."""
+    config = _config(ctx)
+    subjects = bus.Subjects.of(config)
+
+    async def main() -> None:
+        nc = await _connect(config)
+        watch = [subjects.events(pattern, host=host)]
+        if results:
+            watch += [subjects.proposal(host), subjects.results(host)]
+        try:
+            await _follow(nc, watch, count, as_json)
+        finally:
+            await nc.close()
+
+    _run(main())
+
+
+@schema_app.command("list")
+def schema_list() -> None:
+    """The schemas TuxPilot ships."""
+    table = Table("schema", "$id", "title")
+    for name in schemas.SCHEMA_NAMES:
+        doc = schemas.load(name)
+        table.add_row(name, doc["$id"], doc.get("title", ""))
+    out.print(table)
+
+
+@schema_app.command("show")
+def schema_show(name: str) -> None:
+    """Print one schema's JSON."""
+    try:
+        doc = schemas.load(name)
+    except KeyError as exc:
+        fail(str(exc.args[0]), EXIT_USAGE)
+    out.print_json(json.dumps(doc))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""The gate: every proposed action goes parse → validate → authorise → policy → execute → record.
+
+Each step is a small function that either passes or raises `Stop` saying why; `Gate` strings them
+together, executes what survives by request to the owning plugin, and publishes every outcome on
+`tuxpilot.result.<host>.<plugin>.<action>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from pydantic import ValidationError
+
+from agent import schemas
+from agent.bus import Subjects
+from agent.config import Config
+from agent.errors import BadRequest, PayloadTooLarge, TuxPilotError, error_doc
+from agent.manifest import ActionSpec, Manifest
+from agent.models import ErrorDoc, Proposal, ProposedAction, Result, Status, now
+from agent.registry import Registry
+from agent.sdk import ACTION_ID_HEADER, EVENT_ID_HEADER
+
+log = structlog.get_logger("tuxpilot.gate")
+
+ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+# Results about proposals too broken to name a plugin and action are filed under this pair.
+GATE_PLUGIN, GATE_ACTION = "gate", "proposal"
+
+
+class Stop(Exception):
+    """A step's verdict that this action goes no further, and why."""
+
+    def __init__(self, status: Status, reason: str, message: str, error: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.error = error
+
+
+# -- steps ---------------------------------------------------------------------------------------
+
+
+def parse_proposal(raw: bytes, max_payload: int) -> Proposal:
+    """Bytes to a schema-valid Proposal, or a TuxPilotError naming what is wrong."""
+    if len(raw) > max_payload:
+        raise PayloadTooLarge(f"proposal is {len(raw)} bytes; the limit is {max_payload}")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"proposal is not valid JSON: {exc}") from None
+    schemas.validator("proposal").check(doc)
+    try:
+        return Proposal.model_validate(doc)
+    except ValidationError as exc:
+        raise BadRequest(f"proposal: {exc.errors()[0]['msg']}") from None
+
+
+def action_id(event_id: str, plugin: str, action: str, params: dict[str, Any]) -> str:
+    """Deterministic: the same event asking the same action with the same params is the same action."""
+    key = json.dumps([event_id, plugin, action, params], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def check_owner(proposal: Proposal, action: ProposedAction, manifest: Manifest | None) -> ActionSpec:
+    if action.plugin != proposal.plugin:
+        raise Stop(
+            "refused",
+            "foreign_action",
+            f"plugin {proposal.plugin!r} may only propose its own actions, not {action.plugin}.{action.action}",
+        )
+    if manifest is None:
+        raise Stop("refused", "unknown_plugin", f"no plugin {action.plugin!r} is registered on this host")
+    spec = manifest.actions.get(action.action)
+    if spec is None:
+        known = ", ".join(sorted(manifest.actions)) or "none"
+        raise Stop("refused", "unknown_action", f"{action.plugin} has no action {action.action!r} (it has: {known})")
+    return spec
+
+
+def check_params(manifest: Manifest, action: ProposedAction) -> None:
+    try:
+        manifest.params_validator(action.action).check(action.params)
+    except TuxPilotError as exc:
+        raise Stop("refused", "invalid_params", exc.message, exc.to_doc()) from None
+
+
+def check_expiry(proposal: Proposal) -> None:
+    event = proposal.event
+    if event is not None and event.expired():
+        raise Stop("expired", "event_expired", f"event {event.id} is older than its ttl of {event.ttl} s")
+
+
+def check_permission(config: Config, manifest: Manifest, spec: ActionSpec, action: ProposedAction) -> Stop | None:
+    """Refuse an action whose permission the host has not granted.
+
+    An action the manifest marks `dry_run` is not refused but returns the dry-run verdict, raised
+    after the cooldown so that repeated dry runs are paced like real ones.
+    """
+    if spec.permission is None or spec.permission in config.plugin(manifest.name).granted(manifest):
+        return None
+    if spec.dry_run:
+        return Stop(
+            "dry_run",
+            "permission_not_granted",
+            f"dry run: {action.plugin}.{action.action} executes once the host grants {spec.permission.value}",
+        )
+    raise Stop(
+        "refused",
+        "permission_not_granted",
+        f"{action.plugin}.{action.action} needs permission {spec.permission.value!r}, "
+        f"which this host has not granted to {manifest.name}",
+    )
+
+
+def check_dry_run(config: Config, action: ProposedAction) -> None:
+    key = f"{action.plugin}.{action.action}"
+    if config.gate.dry_run or key in config.gate.dry_run_actions:
+        raise Stop("dry_run", "dry_run_mode", f"dry run: {key} was not executed (gate dry-run policy)")
+
+
+def cooldown_for(config: Config, spec: ActionSpec, action: ProposedAction) -> float:
+    configured = config.gate.cooldowns.get(f"{action.plugin}.{action.action}")
+    if configured is not None:
+        return configured
+    return spec.cooldown_s if spec.cooldown_s is not None else config.gate.cooldown_s
+
+
+@dataclass
+class Cooldowns:
+    """When each (plugin.action, resource) last ran; a pure clock-in structure."""
+
+    last: dict[str, float] = field(default_factory=dict)
+
+    def claim(self, key: str, at: float, cooldown_s: float) -> float | None:
+        """Take the slot and return None, or return the seconds still to wait."""
+        previous = self.last.get(key)
+        if previous is not None and at - previous < cooldown_s:
+            return cooldown_s - (at - previous)
+        self.last[key] = at
+        return None
+
+
+def cooldown_key(action: ProposedAction, proposal: Proposal) -> str:
+    resource = action.resource or (proposal.event.resource if proposal.event else None) or ""
+    return f"{action.plugin}.{action.action}:{resource}"
+
+
+def reply_to_result(msg: Msg) -> Result:
+    """A plugin's reply: an `error` document (micro error headers set) or a `result` document."""
+    try:
+        doc = json.loads(msg.data) if msg.data else None
+    except ValueError:
+        doc = None
+    headers = msg.headers or {}
+    if ERROR_CODE_HEADER in headers:
+        try:
+            error = ErrorDoc.model_validate(doc)
+        except ValidationError:
+            error = ErrorDoc(code="internal", message=headers.get("Nats-Service-Error", "plugin failed")[:4096])
+        return Result(status="error", reason=error.code, message=error.message, error=error)
+    if not isinstance(doc, dict) or not schemas.validator("result").is_valid(doc):
+        return Result(status="error", reason="bad_reply", message="the plugin's reply is not a result document")
+    return Result.model_validate(doc)
+
+
+# -- the gate ------------------------------------------------------------------------------------
+
+
+class Gate:
+    """Subscribes to the host's proposals and takes each proposed action through the steps."""
+
+    def __init__(self, nc: Client, config: Config, registry: Registry):
+        self.nc = nc
+        self.config = config
+        self.subjects = Subjects.of(config)
+        self.registry = registry
+        self.cooldowns = Cooldowns()
+        self._slots = asyncio.Semaphore(config.gate.max_concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sub: Any = None
+
+    async def start(self) -> None:
+        self._sub = await self.nc.subscribe(
+            self.subjects.proposal(), cb=self._on_msg, pending_msgs_limit=65536, pending_bytes_limit=256 * 1024 * 1024
+        )
+        log.info("gate.started", subject=self.subjects.proposal(), dry_run=self.config.gate.dry_run)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=self.config.gate.action_timeout_s)
+        for task in self._tasks:
+            task.cancel()
+
+    async def _on_msg(self, msg: Msg) -> None:
+        await self._slots.acquire()
+        task = asyncio.create_task(self._handle_released(msg.data))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle_released(self, raw: bytes) -> None:
+        try:
+            await self.handle(raw)
+        except Exception:  # the gate must outlive any one proposal
+            log.exception("gate.failed")
+        finally:
+            self._slots.release()
+
+    async def handle(self, raw: bytes) -> list[Result]:
+        """Take one raw proposal through the gate; returns the recorded results."""
+        try:
+            proposal = parse_proposal(raw, self.config.gate.max_payload)
+        except TuxPilotError as exc:
+            result = Result(
+                status="refused", reason=exc.code, message=exc.message, error=ErrorDoc.model_validate(exc.to_doc())
+            )
+            await self.record(result, GATE_PLUGIN, GATE_ACTION)
+            return [result]
+        results = []
+        for action in proposal.actions:
+            results.append(await self.decide(proposal, action))
+        return results
+
+    async def decide(self, proposal: Proposal, action: ProposedAction) -> Result:
+        started = time.perf_counter()
+        aid = action_id(proposal.event_id, action.plugin, action.action, action.params)
+        blog = log.bind(event_id=proposal.event_id, action_id=aid, plugin=action.plugin, action=action.action)
+        try:
+            manifest = await self.registry.get(action.plugin) if action.plugin == proposal.plugin else None
+            spec = check_owner(proposal, action, manifest)
+            assert manifest is not None
+            check_params(manifest, action)
+            check_expiry(proposal)
+            dry_run = check_permission(self.config, manifest, spec, action)
+            key, pause = cooldown_key(action, proposal), cooldown_for(self.config, spec, action)
+            wait = self.cooldowns.claim(key, time.monotonic(), pause)
+            if wait is not None:
+                raise Stop("suppressed", "cooldown", f"in cooldown for another {wait:.1f} s")
+            if dry_run is not None:
+                raise dry_run
+            check_dry_run(self.config, action)
+            result = await self.execute(action, aid, proposal.event_id, spec)
+        except Stop as stop:
+            error = ErrorDoc.model_validate(stop.error) if stop.error else None
+            result = Result(status=stop.status, reason=stop.reason, message=stop.message, error=error)
+        result = result.model_copy(
+            update={
+                "id": aid,
+                "host": self.subjects.host,
+                "plugin": action.plugin,
+                "action": action.action,
+                "params": action.params,
+                "event_id": proposal.event_id,
+                "proposal_id": proposal.id,
+                "proposed_by": proposal.plugin,
+                "time": now(),
+                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            }
+        )
+        blog.info("gate.decided", status=result.status, reason=result.reason, ms=result.duration_ms)
+        await self.record(result, action.plugin, action.action)
+        return result
+
+    async def execute(self, action: ProposedAction, aid: str, event_id: str, spec: ActionSpec) -> Result:
+        """Request the owning plugin's endpoint; map silence and refusals to results."""
+        timeout = spec.timeout_s or self.config.gate.action_timeout_s
+        try:
+            msg = await self.nc.request(
+                self.subjects.act(action.plugin, action.action),
+                json.dumps(action.params).encode(),
+                timeout=timeout,
+                headers={ACTION_ID_HEADER: aid, EVENT_ID_HEADER: event_id},
+            )
+        except NoRespondersError:
+            message = f"no {action.plugin} instance is serving {action.action}"
+            return Result(status="unavailable", reason="no_responders", message=message)
+        except (NatsTimeout, TimeoutError):
+            return Result(status="timeout", reason="timeout", message=f"no reply within {timeout} s")
+        except Exception as exc:
+            return Result(status="error", reason="internal", message=error_doc(exc)["message"])
+        return reply_to_result(msg)
+
+    async def record(self, result: Result, plugin: str, action: str) -> None:
+        try:
+            await self.nc.publish(self.subjects.result(plugin, action), result.to_json())
+        except Exception as exc:
+            log.error("gate.record_failed", plugin=plugin, action=action, error=str(exc))
