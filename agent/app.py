@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -20,7 +21,7 @@ from agent.gate import Gate
 from agent.host import PluginHost
 from agent.manifest import Manifest, builtin_dir, discover
 from agent.models import Event, Metrics
-from agent.monitor import Monitor
+from agent.monitor import Monitor, Reading
 from agent.registry import Registry
 from agent.server import NatsServer
 
@@ -43,8 +44,16 @@ def local_plugins(config: Config) -> dict[str, tuple[Path, Manifest]]:
 class Agent:
     """One host's agent. `embedded`: start a local nats-server when no URL is configured."""
 
-    def __init__(self, config: Config, *, embedded: bool = True, run_plugins: bool = True):
+    def __init__(
+        self,
+        config: Config,
+        *,
+        embedded: bool = True,
+        run_plugins: bool = True,
+        reader: Callable[[], Reading] | None = None,
+    ):
         self.config = config
+        self.reader = reader
         self.subjects = bus.Subjects.of(config)
         self.embedded = embedded and not config.nats.url
         self.run_plugins = run_plugins
@@ -81,7 +90,9 @@ class Agent:
         self.gate = Gate(self.nc, cfg, self.registry)
         await self.gate.start()
         if cfg.monitor.enabled:
-            self.monitor = Monitor(cfg.monitor, cfg.host_id, self._publish_event, self._publish_metrics)
+            self.monitor = Monitor(
+                cfg.monitor, cfg.host_id, self._publish_event, self._publish_metrics, reader=self.reader
+            )
             await self.monitor.start()
         if plugins:
             self.host = PluginHost(cfg, self.url, plugins)

@@ -170,7 +170,9 @@ ident = st.from_regex(r"[A-Za-z0-9_-]{1,40}", fullmatch=True)
 finite = st.floats(allow_nan=False, allow_infinity=False, width=32)
 text = st.text(max_size=40)
 json_leaf = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | finite | text
-json_value = st.recursive(json_leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(text, c, max_size=3), max_leaves=8)
+json_value = st.recursive(
+    json_leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(text, c, max_size=3), max_leaves=8
+)
 json_object = st.dictionaries(text, json_value, max_size=4)
 
 events = st.builds(

@@ -1,0 +1,140 @@
+"""`tuxpilot up` as a user runs it: a real subprocess with its embedded nats-server and plugins."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import tuxpilot_exe
+
+pytestmark = pytest.mark.slow
+
+URL_LINE = re.compile(r"up on (nats://127\.0\.0\.1:\d+)")
+
+
+class Up:
+    def __init__(self, state: Path):
+        self.state = state
+        env = {
+            **os.environ,
+            "TUXPILOT_STATE_DIR": str(state),
+            "TUXPILOT_HOST_ID": "up-host",
+            "TUXPILOT_MONITOR_INTERVAL_S": "0.5",
+        }
+        env.pop("TUXPILOT_NATS_URL", None)
+        env.pop("TUXPILOT_CONFIG", None)
+        self.env = env
+        self.proc = subprocess.Popen(
+            [tuxpilot_exe(), "up"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        self.url = self._read_url()
+
+    def _read_url(self) -> str:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            m = URL_LINE.search(line)
+            if m:
+                return m.group(1)
+        self.proc.kill()
+        raise AssertionError(f"no URL line; stderr: {self.proc.stderr.read() if self.proc.stderr else ''}")
+
+    def tree(self) -> list[psutil.Process]:
+        return psutil.Process(self.proc.pid).children(recursive=True)
+
+    def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([tuxpilot_exe(), *args], capture_output=True, text=True, env=self.env, timeout=timeout)
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[Up]:
+    running = Up(tmp_path / "state")
+    yield running
+    if running.proc.poll() is None:
+        running.proc.kill()
+        running.proc.wait()
+
+
+def wait_gone(processes: list[psutil.Process], timeout: float = 15) -> list[psutil.Process]:
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    return [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_up_starts_server_and_plugins_and_stops_them_all(up: Up, sig: signal.Signals) -> None:
+    assert (up.state / "nats.url").read_text().strip() == up.url
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        names = " ".join(" ".join(p.cmdline()) for p in up.tree())
+        if "nats-server" in names and "sysmon" in names:
+            break
+        time.sleep(0.2)
+    children = up.tree()
+    cmdlines = [" ".join(p.cmdline()) for p in children]
+    assert any("nats-server" in c for c in cmdlines), cmdlines
+    assert any("plugin run" in c and "sysmon" in c for c in cmdlines), cmdlines
+
+    up.proc.send_signal(sig)
+    assert up.proc.wait(timeout=30) == 0
+    assert wait_gone(children) == [], "orphans left behind"
+    assert not (up.state / "nats.url").exists()
+
+
+def test_cli_finds_the_local_server_and_calls_actions(up: Up) -> None:
+    # `tuxpilot call` finds the server through the state dir; no URL is given.
+    deadline = time.monotonic() + 30
+    while True:
+        done = up.cli("call", "up-host", "sysmon", "top_processes", '{"n": 3}')
+        if done.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads(done.stdout)["data"]["processes"]) == 3
+
+    bad = up.cli("call", "up-host", "sysmon", "top_processes", '{"n": "three"}')
+    assert bad.returncode == 1
+    assert json.loads(bad.stdout)["code"] == "invalid_params"
+
+    unknown = up.cli("call", "up-host", "sysmon", "no_such_action")
+    assert unknown.returncode == 3
+    assert "top_processes" in unknown.stderr and "process_tree" in unknown.stderr
+
+    emitted = up.cli("event", "emit", "cpu.high", "--value", "97")
+    assert emitted.returncode == 0, emitted.stderr
+    assert json.loads(emitted.stdout)["host"] == "up-host"
+
+    listed = up.cli("plugin", "list", "--live", "--json")
+    assert listed.returncode == 0, listed.stderr
+    sysmon = next(p for p in json.loads(listed.stdout) if p["name"] == "sysmon")
+    assert sysmon["running"] == 1
+
+    up.proc.send_signal(signal.SIGTERM)
+    up.proc.wait(timeout=30)
+    assert up.proc.stdout is not None
+    shown = up.proc.stdout.read()
+    assert "cpu.high" in shown and "sysmon.top_processes" in shown
+
+
+def test_bad_config_is_one_line_naming_the_key(tmp_path: Path) -> None:
+    conf = tmp_path / "bad.toml"
+    conf.write_text("[monitor.memory]\nthreshold = 'lots'\n")
+    done = subprocess.run([tuxpilot_exe(), "--config", str(conf), "up"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "monitor.memory.threshold" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+    env = {**os.environ, "TUXPILOT_GATE_DRY_RUN": "perhaps"}
+    done = subprocess.run([tuxpilot_exe(), "schema", "list"], capture_output=True, text=True, env=env, timeout=30)
+    assert done.returncode == 2 and "gate.dry_run" in done.stderr and "TUXPILOT_GATE_DRY_RUN" in done.stderr
