@@ -107,7 +107,7 @@ async def connect(cfg: NatsConfig, url: str, *, name: str) -> Client:
         user_credentials=str(cfg.creds) if cfg.creds else None,
         tls=_tls(cfg),
         connect_timeout=int(max(1, cfg.connect_timeout_s)),
-        reconnect_time_wait=cfg.reconnect_wait_s,  # type: ignore[arg-type]
+        reconnect_time_wait=cfg.reconnect_wait_s,
         max_reconnect_attempts=cfg.max_reconnect_attempts,
         allow_reconnect=True,
         pending_size=cfg.pending_bytes,

@@ -249,7 +249,7 @@ def plugin_list(
             await nc.close()
 
         _run(ping())
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, (folder, m) in sorted(found.items()):
         granted = sorted(p.value for p in config.plugin(name).granted(m))
         rows.append(

@@ -74,7 +74,7 @@ class Registry:
     async def stop(self) -> None:
         if self._watcher is not None:
             with contextlib.suppress(Exception):
-                await self._watcher.stop()
+                await self._watcher.stop()  # type: ignore[no-untyped-call]
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
