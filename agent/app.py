@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from agent import bus
 from agent.config import Config
@@ -20,12 +23,17 @@ from agent.errors import ConfigError
 from agent.gate import Gate
 from agent.host import PluginHost
 from agent.manifest import Manifest, builtin_dir, discover
-from agent.models import Event, Metrics
+from agent.models import Event, Metrics, Result, now
 from agent.monitor import Monitor, Reading
+from agent.outbox import Outbox
 from agent.registry import Registry
 from agent.server import NatsServer
+from agent.streams import Names, ensure_streams
 
 log = structlog.get_logger("tuxpilot.agent")
+
+# Dead letters are filed under tuxpilot.result.<host>.<plugin>.on_event.
+DEAD_LETTER_ACTION = "on_event"
 
 
 def plugin_dirs(config: Config) -> list[Path]:
@@ -64,6 +72,8 @@ class Agent:
         self.monitor: Monitor | None = None
         self.host: PluginHost | None = None
         self.url: str = ""
+        self.outbox: Outbox | None = None
+        self._dead_letters: Any = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -84,7 +94,15 @@ class Agent:
             if url is None:
                 raise ConfigError("config key nats.url: not set, and no local `tuxpilot up` is running")
             self.url = url
-        self.nc = await bus.connect(cfg.nats, self.url, name=f"tuxpilot-agent-{cfg.host_id}")
+        self.nc = await bus.connect(
+            cfg.nats, self.url, name=f"tuxpilot-agent-{cfg.host_id}", on_reconnect=self._on_reconnect
+        )
+        js = self.nc.jetstream()
+        await ensure_streams(js, self.subjects, cfg.streams)
+        self.outbox = Outbox(self._send_event, limit=cfg.monitor.buffer_events)
+        self._dead_letters = await self.nc.subscribe(
+            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{Names.of(self.subjects).events}.*", cb=self._on_dead_letter
+        )
         self.registry = Registry(self.nc, self.subjects)
         await self.registry.start()
         self.gate = Gate(self.nc, cfg, self.registry)
@@ -99,9 +117,62 @@ class Agent:
             await self.host.start()
         log.info("agent.started", host=cfg.host_id, url=self.url, plugins=sorted(plugins))
 
-    async def _publish_event(self, event: Event) -> None:
+    async def _send_event(self, event: Event) -> None:
         assert self.nc is not None
+        if not self.nc.is_connected:
+            raise ConnectionError("not connected")
         await bus.publish_event(self.nc, self.subjects, event)
+
+    async def _publish_event(self, event: Event) -> None:
+        assert self.outbox is not None
+        await self.outbox.put(event)
+
+    async def _on_reconnect(self) -> None:
+        """Send what the monitor buffered during the outage, then say how many were dropped."""
+        if self.outbox is None:
+            return
+        await self.outbox.flush()
+        dropped = self.outbox.take_dropped()
+        if dropped:
+            log.warning("agent.events_dropped", host=self.config.host_id, dropped=dropped)
+            await self.outbox.put(
+                Event.new(
+                    "agent.events_dropped",
+                    self.config.host_id,
+                    source="monitor",
+                    value=dropped,
+                    data={"why": "the server was unreachable and the buffer was full"},
+                )
+            )
+
+    async def _on_dead_letter(self, msg: Msg) -> None:
+        """An event that exhausted its deliveries to a plugin becomes a `dead_letter` audit record."""
+        assert self.nc is not None
+        try:
+            advisory = json.loads(msg.data)
+            consumer = await self.nc.jetstream().consumer_info(advisory["stream"], advisory["consumer"])
+            meta = consumer.config.metadata or {}
+            stored = await self.nc.jetstream().get_msg(advisory["stream"], advisory["stream_seq"])
+            event = Event.model_validate_json(stored.data or b"{}")
+        except Exception as exc:
+            log.error("agent.dead_letter_unreadable", error=f"{type(exc).__name__}: {exc}")
+            return
+        if event.host != self.config.host_id:
+            return
+        plugin = meta.get("plugin", "unknown")
+        result = Result(
+            status="dead_letter",
+            reason="max_deliveries",
+            message=f"{plugin} failed to handle event {event.type} {advisory.get('deliveries')} times; given up",
+            host=event.host,
+            plugin=plugin,
+            action=DEAD_LETTER_ACTION,
+            event_id=event.id,
+            data={"event": event.to_doc()},
+            time=now(),
+        )
+        log.error("agent.dead_letter", plugin=plugin, event_id=event.id, type=event.type)
+        await self.nc.publish(self.subjects.result(plugin, DEAD_LETTER_ACTION), result.to_json())
 
     async def _publish_metrics(self, metrics: Metrics) -> None:
         assert self.nc is not None
@@ -109,6 +180,9 @@ class Agent:
 
     async def stop(self) -> None:
         """Reverse order; each part's failure to stop is logged and the rest still stop."""
+        if self._dead_letters is not None:
+            with contextlib.suppress(Exception):
+                await self._dead_letters.unsubscribe()
         for part in (self.host, self.monitor, self.gate, self.registry):
             if part is not None:
                 try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,9 +58,15 @@ class Subjects:
         return cls(prefix=config.subject_prefix, host=config.host_id)
 
 
-async def publish_event(nc: Client, subjects: Subjects, event: Event) -> None:
-    """Publish one event on its subject, `<prefix>.evt.<host>.<category>.<name>`."""
-    await nc.publish(subjects.event(event.type, event.host), event.to_json())
+async def publish_event(nc: Client, subjects: Subjects, event: Event, *, ack_wait_s: float = 2.0) -> None:
+    """Store one event in the events stream, on `<prefix>.evt.<host>.<category>.<name>`.
+
+    The event id is the JetStream message id: publishing the same event again (a retry after a
+    reconnect) is deduplicated by the server within the stream's duplicate window.
+    """
+    await nc.jetstream().publish(
+        subjects.event(event.type, event.host), event.to_json(), headers={"Nats-Msg-Id": event.id}, timeout=ack_wait_s
+    )
 
 
 def url_file(state_dir: Path) -> Path:
@@ -85,7 +92,9 @@ def _tls(cfg: NatsConfig) -> ssl.SSLContext | None:
     return context
 
 
-async def connect(cfg: NatsConfig, url: str, *, name: str) -> Client:
+async def connect(
+    cfg: NatsConfig, url: str, *, name: str, on_reconnect: Callable[[], Awaitable[None]] | None = None
+) -> Client:
     """A connected client that reconnects by itself and logs every change of its link."""
     blog = log.bind(conn=name)
 
@@ -97,6 +106,8 @@ async def connect(cfg: NatsConfig, url: str, *, name: str) -> Client:
 
     async def on_reconnected() -> None:
         blog.info("nats.reconnected", url=str(nc.connected_url.geturl() if nc.connected_url else ""))
+        if on_reconnect is not None:
+            await on_reconnect()
 
     nc = await nats.connect(
         servers=[u.strip() for u in url.split(",") if u.strip()],

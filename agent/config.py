@@ -93,6 +93,9 @@ class MonitorConfig(Section):
     interval_s: Seconds = 10.0
     metrics_interval_s: Seconds = 60.0
     event_ttl_s: Seconds = 300.0
+    buffer_events: Annotated[int, Field(ge=1)] = Field(
+        10_000, description="Events kept while the server is unreachable; beyond it the oldest are dropped."
+    )
     memory: CheckConfig = CheckConfig(threshold=90.0, clear=85.0, sustain_s=30.0)
     swap: CheckConfig = CheckConfig(threshold=80.0, clear=70.0, sustain_s=60.0)
     disk: CheckConfig = CheckConfig(threshold=90.0, clear=85.0, sustain_s=0.0)
@@ -116,6 +119,28 @@ class GateConfig(Section):
     dry_run_actions: list[str] = Field(default_factory=list, description='Actions ("plugin.action") only dry-run.')
     max_payload: Annotated[int, Field(ge=1024)] = Field(256 * 1024, description="Largest proposal accepted, bytes.")
     max_concurrency: Annotated[int, Field(ge=1)] = 256
+
+
+class StreamsConfig(Section):
+    """JetStream streams the agent creates (idempotently) for events, proposals and the audit trail."""
+
+    replicas: Annotated[int, Field(ge=1, le=5)] = 1
+    duplicate_window_s: Seconds = 120.0
+    events_max_age_s: Seconds = 24 * 3600.0
+    events_max_bytes: int = 256 * 1024 * 1024
+    proposals_max_age_s: Seconds = 24 * 3600.0
+    proposals_max_bytes: int = 256 * 1024 * 1024
+    audit_max_age_s: Seconds = 30 * 24 * 3600.0
+    audit_max_bytes: int = 1024 * 1024 * 1024
+    max_deliver: Annotated[int, Field(ge=1)] = Field(5, description="Deliveries of one event to a plugin.")
+    backoff_s: list[Seconds] = Field([1.0, 5.0, 15.0, 30.0], description="Redelivery delays after failures.")
+    executions_ttl_s: Seconds = Field(7 * 24 * 3600.0, description="How long executed action ids are kept.")
+
+    @model_validator(mode="after")
+    def _backoff_fits(self) -> Self:
+        if len(self.backoff_s) > self.max_deliver:
+            raise ValueError("backoff_s may not have more entries than max_deliver")
+        return self
 
 
 class PluginSettings(Section):
@@ -144,6 +169,7 @@ class Config(Section):
     embedded: EmbeddedConfig = EmbeddedConfig()
     monitor: MonitorConfig = MonitorConfig()
     gate: GateConfig = GateConfig()
+    streams: StreamsConfig = StreamsConfig()
     plugin_dirs: list[Path] = Field(default_factory=list, description="Folders searched for plugins.")
     run_plugins: list[str] = Field(["sysmon"], description="Local plugins `tuxpilot up` starts and supervises.")
     plugins: dict[str, PluginSettings] = Field(default_factory=dict)

@@ -7,8 +7,6 @@ together, executes what survives by request to the owning plugin, and publishes 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import json
 import time
@@ -25,11 +23,14 @@ from pydantic import ValidationError
 from agent import schemas
 from agent.bus import Subjects
 from agent.config import Config
+from agent.consumer import Durable
 from agent.errors import BadRequest, PayloadTooLarge, TuxPilotError, error_doc
+from agent.ledger import Ledger
 from agent.manifest import ActionSpec, Manifest
 from agent.models import ErrorDoc, Proposal, ProposedAction, Result, Status, now
 from agent.registry import Registry
 from agent.sdk import ACTION_ID_HEADER, EVENT_ID_HEADER
+from agent.streams import Names, ensure_streams
 
 log = structlog.get_logger("tuxpilot.gate")
 
@@ -187,38 +188,38 @@ class Gate:
         self.subjects = Subjects.of(config)
         self.registry = registry
         self.cooldowns = Cooldowns()
-        self._slots = asyncio.Semaphore(config.gate.max_concurrency)
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._sub: Any = None
+        self.ledger = Ledger(nc, self.subjects, config.streams)
+        self.consumer: Durable | None = None
 
     async def start(self) -> None:
-        self._sub = await self.nc.subscribe(
-            self.subjects.proposal(), cb=self._on_msg, pending_msgs_limit=65536, pending_bytes_limit=256 * 1024 * 1024
+        """Bind the host's durable proposals consumer; cooldowns come back from KV."""
+        js = self.nc.jetstream()
+        await ensure_streams(js, self.subjects, self.config.streams, update=False)
+        await self.ledger.start()
+        self.cooldowns.last.update(await self.ledger.load_cooldowns())
+        self.consumer = Durable(
+            js,
+            stream=Names.of(self.subjects).proposals,
+            name=f"gate-{self.subjects.host}",
+            filter_subjects=[self.subjects.proposal()],
+            handler=self._on_msg,
+            # A proposal is acked once decided; redelivery after an agent crash meets the ledger.
+            ack_wait=self.config.gate.action_timeout_s * 3,
+            max_deliver=self.config.streams.max_deliver,
+            backoff=self.config.streams.backoff_s,
+            max_in_flight=self.config.gate.max_concurrency,
+            metadata={"tuxpilot": "gate", "host": self.subjects.host},
         )
+        await self.consumer.start()
         log.info("gate.started", subject=self.subjects.proposal(), dry_run=self.config.gate.dry_run)
 
     async def stop(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=self.config.gate.action_timeout_s)
-        for task in self._tasks:
-            task.cancel()
+        if self.consumer is not None:
+            await self.consumer.stop(grace_s=self.config.gate.action_timeout_s)
 
     async def _on_msg(self, msg: Msg) -> None:
-        await self._slots.acquire()
-        task = asyncio.create_task(self._handle_released(msg.data))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _handle_released(self, raw: bytes) -> None:
-        try:
-            await self.handle(raw)
-        except Exception:  # the gate must outlive any one proposal
-            log.exception("gate.failed")
-        finally:
-            self._slots.release()
+        await self.handle(msg.data)
+        await msg.ack()
 
     async def handle(self, raw: bytes) -> list[Result]:
         """Take one raw proposal through the gate; returns the recorded results."""
@@ -246,14 +247,15 @@ class Gate:
             check_params(manifest, action)
             check_expiry(proposal)
             dry_run = check_permission(self.config, manifest, spec, action)
-            key, pause = cooldown_key(action, proposal), cooldown_for(self.config, spec, action)
-            wait = self.cooldowns.claim(key, time.monotonic(), pause)
-            if wait is not None:
-                raise Stop("suppressed", "cooldown", f"in cooldown for another {wait:.1f} s")
+            earlier = await self.ledger.claim(aid)
+            if earlier is not None:
+                raise Stop("duplicate", "already_claimed", f"action {aid} was taken before ({earlier.get('state')})")
+            await self.claim_cooldown(cooldown_key(action, proposal), cooldown_for(self.config, spec, action))
             if dry_run is not None:
                 raise dry_run
             check_dry_run(self.config, action)
             result = await self.execute(action, aid, proposal.event_id, spec)
+            await self.ledger.finish(aid, result)
         except Stop as stop:
             error = ErrorDoc.model_validate(stop.error) if stop.error else None
             result = Result(status=stop.status, reason=stop.reason, message=stop.message, error=error)
@@ -274,6 +276,15 @@ class Gate:
         blog.info("gate.decided", status=result.status, reason=result.reason, ms=result.duration_ms)
         await self.record(result, action.plugin, action.action)
         return result
+
+    async def claim_cooldown(self, key: str, pause: float) -> None:
+        if pause <= 0:
+            return
+        at = time.time()  # wall clock: the time is kept across restarts
+        wait = self.cooldowns.claim(key, at, pause)
+        if wait is not None:
+            raise Stop("suppressed", "cooldown", f"in cooldown for another {wait:.1f} s")
+        await self.ledger.save_cooldown(key, at)
 
     async def execute(self, action: ProposedAction, aid: str, event_id: str, spec: ActionSpec) -> Result:
         """Request the owning plugin's endpoint; map silence and refusals to results."""

@@ -37,8 +37,9 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import EndpointStats, Service
 
-from agent import bus, registry
+from agent import bus, registry, streams
 from agent.config import Config, load_config
+from agent.consumer import Durable, redelivery_delay
 from agent.errors import BadRequest, ConfigError, Forbidden, PayloadTooLarge, TuxPilotError, error_doc
 from agent.manifest import Manifest
 from agent.manifest import load as load_manifest
@@ -260,7 +261,7 @@ class _Running:
     log: Any = None
     slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(64))
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    subs: list[Any] = field(default_factory=list)
+    consumer: Durable | None = None
     counts: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def context(self, event: Event | None = None, action_id: str | None = None, **bind: Any) -> Context:
@@ -293,20 +294,32 @@ class _Running:
             await self.service.add_endpoint(
                 name=name, subject=self.subjects.act(p.name, name), handler=self._endpoint(name)
             )
-        for pattern in p.manifest.subscribes:
-            sub = await self.nc.subscribe(
-                self.subjects.events(pattern, host=None), queue=p.name, cb=self._on_event_msg
+        if p.manifest.subscribes:
+            # One durable consumer per plugin and host, shared by its replicas: each event is
+            # handled once per plugin, acked only after the proposal is stored.
+            js = self.nc.jetstream()
+            await streams.ensure_streams(js, self.subjects, self.config.streams, update=False)
+            names = streams.Names.of(self.subjects)
+            cfg = self.config.streams
+            self.consumer = Durable(
+                js,
+                stream=names.events,
+                name=f"{p.name}-{self.subjects.host}",
+                filter_subjects=[self.subjects.events(pattern, host=None) for pattern in p.manifest.subscribes],
+                handler=self._on_event_msg,
+                max_deliver=cfg.max_deliver,
+                backoff=cfg.backoff_s,
+                metadata={"tuxpilot": "plugin", "plugin": p.name, "host": self.subjects.host},
             )
-            self.subs.append(sub)
+            await self.consumer.start()
         for seconds, fn in p._tasks_every:
             self._spawn(self._every(seconds, fn))
         await self.nc.flush()
         self.log.info("plugin.started", version=p.manifest.version, actions=sorted(p._actions))
 
     async def stop(self) -> None:
-        for sub in self.subs:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        if self.consumer is not None:
+            await self.consumer.stop()
         if self.service is not None:
             with contextlib.suppress(Exception):
                 await self.service.stop()
@@ -326,30 +339,42 @@ class _Running:
     # -- events ----------------------------------------------------------------------------------
 
     async def _on_event_msg(self, msg: Msg) -> None:
+        """Ack after the proposal is stored; a failing handler naks (redelivered with backoff)."""
         try:
             event = Event.model_validate_json(msg.data)
         except ValueError as exc:
             self.log.warning("plugin.bad_event", subject=msg.subject, error=str(exc)[:300])
+            await msg.term()  # garbage never gets better by redelivery
             return
-        await self.handle_event(event)
+        try:
+            await self.handle_event(event)
+        except Exception:
+            delay = redelivery_delay(self.config.streams.backoff_s, msg.metadata.num_delivered)
+            self.log.exception("plugin.event_failed", event_id=event.id, type=event.type, retry_in_s=delay)
+            await msg.nak(delay=delay)
+            return
+        await msg.ack()
 
     async def handle_event(self, event: Event) -> Proposal | None:
-        """Run the matching handlers and publish their proposed actions as one proposal."""
+        """Run the matching handlers and publish their proposed actions as one proposal.
+
+        The proposal id derives from the event and plugin, and is the JetStream message id, so a
+        redelivered event's proposal is deduplicated by the server. A failing handler raises.
+        """
         ctx = self.context(event)
         actions: list[ProposedAction] = []
         for pattern, fn in self.plugin._event_handlers:
-            if not _matches(pattern, event.type):
-                continue
-            try:
-                proposed = await _call(fn, event, ctx)
-            except Exception:
-                ctx.log.exception("plugin.event_handler_failed", type=event.type)
-                continue
-            actions.extend(_as_actions(proposed))
+            if _matches(pattern, event.type):
+                actions.extend(_as_actions(await _call(fn, event, ctx)))
         if not actions:
             return None
-        proposal = Proposal(event_id=event.id, plugin=self.plugin.name, event=event, actions=actions)
-        await self.nc.publish(self.subjects.proposal(event.host), proposal.to_json())
+        proposal = Proposal(
+            id=f"{event.id}-{self.plugin.name}"[:128], event_id=event.id, plugin=self.plugin.name, event=event,
+            actions=actions,
+        )
+        await self.nc.jetstream().publish(
+            self.subjects.proposal(event.host), proposal.to_json(), headers={"Nats-Msg-Id": proposal.id}
+        )
         ctx.log.info("plugin.proposed", actions=[a.action for a in actions], proposal_id=proposal.id)
         return proposal
 
