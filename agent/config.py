@@ -118,7 +118,10 @@ class GateConfig(Section):
     )
     dry_run_actions: list[str] = Field(default_factory=list, description='Actions ("plugin.action") only dry-run.')
     max_payload: Annotated[int, Field(ge=1024)] = Field(256 * 1024, description="Largest proposal accepted, bytes.")
-    max_concurrency: Annotated[int, Field(ge=1)] = 256
+    max_concurrency: Annotated[int, Field(ge=1)] = Field(256, description="Proposals decided at once.")
+    max_in_flight_per_plugin: Annotated[int, Field(ge=1)] = Field(
+        32, description="Actions executing at once per plugin; beyond it proposals wait (back-pressure)."
+    )
 
 
 class StreamsConfig(Section):
@@ -133,6 +136,7 @@ class StreamsConfig(Section):
     audit_max_age_s: Seconds = 30 * 24 * 3600.0
     audit_max_bytes: int = 1024 * 1024 * 1024
     max_deliver: Annotated[int, Field(ge=1)] = Field(5, description="Deliveries of one event to a plugin.")
+    ack_wait_s: Seconds = Field(30.0, description="An event neither acked nor naked in this time is redelivered.")
     backoff_s: list[Seconds] = Field([1.0, 5.0, 15.0, 30.0], description="Redelivery delays after failures.")
     executions_ttl_s: Seconds = Field(7 * 24 * 3600.0, description="How long executed action ids are kept.")
 

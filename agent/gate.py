@@ -37,6 +37,8 @@ log = structlog.get_logger("tuxpilot.gate")
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 # Results about proposals too broken to name a plugin and action are filed under this pair.
 GATE_PLUGIN, GATE_ACTION = "gate", "proposal"
+BACKPRESSURE_DELAY_S = 0.5
+RECORD_ATTEMPTS = 10
 
 
 class Stop(Exception):
@@ -190,6 +192,8 @@ class Gate:
         self.cooldowns = Cooldowns()
         self.ledger = Ledger(nc, self.subjects, config.streams)
         self.consumer: Durable | None = None
+        self.in_flight: dict[str, int] = {}
+        self.deferred = 0
 
     async def start(self) -> None:
         """Bind the host's durable proposals consumer; cooldowns come back from KV."""
@@ -205,8 +209,8 @@ class Gate:
             handler=self._on_msg,
             # A proposal is acked once decided; redelivery after an agent crash meets the ledger.
             ack_wait=self.config.gate.action_timeout_s * 3,
-            max_deliver=self.config.streams.max_deliver,
-            backoff=self.config.streams.backoff_s,
+            # Unlimited: a proposal is only redelivered for back-pressure or after an agent crash.
+            max_deliver=-1,
             max_in_flight=self.config.gate.max_concurrency,
             metadata={"tuxpilot": "gate", "host": self.subjects.host},
         )
@@ -218,23 +222,50 @@ class Gate:
             await self.consumer.stop(grace_s=self.config.gate.action_timeout_s)
 
     async def _on_msg(self, msg: Msg) -> None:
-        await self.handle(msg.data)
+        try:
+            proposal = parse_proposal(msg.data, self.config.gate.max_payload)
+        except TuxPilotError as exc:
+            await self.refuse(exc)
+            await msg.ack()
+            return
+        if self.busy(proposal.plugin):
+            # Back-pressure: a plugin that falls behind waits in the stream, not in our slots,
+            # so it cannot starve the other plugins' proposals.
+            self.deferred += 1
+            if self.deferred % 100 == 1:
+                log.warning("gate.backpressure", plugin=proposal.plugin, in_flight=self.in_flight[proposal.plugin],
+                            deferred=self.deferred)
+            await msg.nak(delay=BACKPRESSURE_DELAY_S)
+            return
+        await self.handle_proposal(proposal)
         await msg.ack()
+
+    def busy(self, plugin: str) -> bool:
+        return self.in_flight.get(plugin, 0) >= self.config.gate.max_in_flight_per_plugin
 
     async def handle(self, raw: bytes) -> list[Result]:
         """Take one raw proposal through the gate; returns the recorded results."""
         try:
             proposal = parse_proposal(raw, self.config.gate.max_payload)
         except TuxPilotError as exc:
-            result = Result(
-                status="refused", reason=exc.code, message=exc.message, error=ErrorDoc.model_validate(exc.to_doc())
-            )
-            await self.record(result, GATE_PLUGIN, GATE_ACTION)
-            return [result]
-        results = []
-        for action in proposal.actions:
-            results.append(await self.decide(proposal, action))
-        return results
+            return [await self.refuse(exc)]
+        return await self.handle_proposal(proposal)
+
+    async def refuse(self, exc: TuxPilotError) -> Result:
+        """The record of a proposal too broken to name its plugin and action."""
+        result = Result(
+            status="refused", reason=exc.code, message=exc.message, error=ErrorDoc.model_validate(exc.to_doc()),
+            host=self.subjects.host, time=now(),
+        )
+        await self.record(result, GATE_PLUGIN, GATE_ACTION)
+        return result
+
+    async def handle_proposal(self, proposal: Proposal) -> list[Result]:
+        self.in_flight[proposal.plugin] = self.in_flight.get(proposal.plugin, 0) + 1
+        try:
+            return [await self.decide(proposal, action) for action in proposal.actions]
+        finally:
+            self.in_flight[proposal.plugin] -= 1
 
     async def decide(self, proposal: Proposal, action: ProposedAction) -> Result:
         started = time.perf_counter()
@@ -306,7 +337,14 @@ class Gate:
         return reply_to_result(msg)
 
     async def record(self, result: Result, plugin: str, action: str) -> None:
-        try:
-            await self.nc.publish(self.subjects.result(plugin, action), result.to_json())
-        except Exception as exc:
-            log.error("gate.record_failed", plugin=plugin, action=action, error=str(exc))
+        """Store the outcome in the audit stream; retried through a reconnect, deduplicated by id."""
+        subject, body = self.subjects.result(plugin, action), result.to_json()
+        headers = {"Nats-Msg-Id": f"{result.id}-{result.status}"} if result.id else None
+        for attempt in range(RECORD_ATTEMPTS):
+            try:
+                await self.nc.jetstream().publish(subject, body, headers=headers, timeout=2.0)
+                return
+            except Exception as exc:
+                log.warning("gate.record_retry", plugin=plugin, action=action, attempt=attempt, error=str(exc)[:200])
+                await asyncio.sleep(min(0.2 * 2**attempt, 2.0))
+        log.error("gate.record_failed", plugin=plugin, action=action, action_id=result.id)

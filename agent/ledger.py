@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import OrderedDict
 from typing import Any
 
 import structlog
@@ -21,7 +22,7 @@ from nats.js.kv import KeyValue
 
 from agent.bus import Subjects
 from agent.config import StreamsConfig
-from agent.models import Result
+from agent.models import Result, new_id
 from agent.streams import Names, bucket
 
 log = structlog.get_logger("tuxpilot.ledger")
@@ -32,8 +33,14 @@ def _kv_key(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:40]
 
 
+# Claims this process made, remembered to tell "my create's ack was lost" from "someone else's".
+_REMEMBERED_CLAIMS = 100_000
+
+
 class Ledger:
     def __init__(self, nc: Client, subjects: Subjects, cfg: StreamsConfig):
+        self.instance = new_id()
+        self._claimed: OrderedDict[str, None] = OrderedDict()
         self.nc = nc
         self.subjects = subjects
         self.cfg = cfg
@@ -48,19 +55,24 @@ class Ledger:
         self.cooldowns = await bucket(js, self.names.cooldowns, replicas=self.cfg.replicas)
 
     async def claim(self, action_id: str) -> dict[str, Any] | None:
-        """Claim `action_id`; None when the claim is new, else the earlier record."""
+        """Claim `action_id`; None when the claim is new (or ours, its ack lost), else the earlier record."""
         assert self.executions is not None
-        record = json.dumps({"state": "started", "at": time.time(), "host": self.subjects.host}).encode()
+        record = {"state": "started", "at": time.time(), "host": self.subjects.host, "instance": self.instance}
         try:
-            await self.executions.create(action_id, record)
-            return None
+            await self.executions.create(action_id, json.dumps(record).encode())
         except KeyWrongLastSequenceError:
             try:
                 entry = await self.executions.get(action_id)
                 earlier: dict[str, Any] = json.loads(entry.value or b"{}")
-                return earlier
             except Exception:
                 return {"state": "unknown"}
+            # Our own create reached the server but its ack did not reach us (a reconnect): still ours.
+            if earlier.get("instance") != self.instance or action_id in self._claimed:
+                return earlier
+        self._claimed[action_id] = None
+        if len(self._claimed) > _REMEMBERED_CLAIMS:
+            self._claimed.popitem(last=False)
+        return None
 
     async def finish(self, action_id: str, result: Result) -> None:
         """Record the outcome; a plain publish to the KV subject, not waited for (the claim is what guards)."""

@@ -307,6 +307,7 @@ class _Running:
                 name=f"{p.name}-{self.subjects.host}",
                 filter_subjects=[self.subjects.events(pattern, host=None) for pattern in p.manifest.subscribes],
                 handler=self._on_event_msg,
+                ack_wait=cfg.ack_wait_s,
                 max_deliver=cfg.max_deliver,
                 backoff=cfg.backoff_s,
                 metadata={"tuxpilot": "plugin", "plugin": p.name, "host": self.subjects.host},
