@@ -7,6 +7,7 @@ together, executes what survives by request to the owning plugin, and publishes 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
