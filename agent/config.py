@@ -110,6 +110,9 @@ class MonitorConfig(Section):
 class GateConfig(Section):
     dry_run: bool = Field(False, description="Record dry_run instead of executing any action.")
     action_timeout_s: Seconds = 10.0
+    unavailable_retry_s: Annotated[float, Field(ge=0)] = Field(
+        2.0, description="How long to keep asking when no plugin instance serves the action (a restart)."
+    )
     cooldown_s: Annotated[float, Field(ge=0)] = Field(
         60.0, description="Default pause between two runs of one action on one resource."
     )

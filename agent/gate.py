@@ -40,6 +40,9 @@ ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 GATE_PLUGIN, GATE_ACTION = "gate", "proposal"
 BACKPRESSURE_DELAY_S = 0.5
 RECORD_ATTEMPTS = 10
+RESEND_ATTEMPTS = 3
+UNAVAILABLE_RETRY_S = 0.1
+LINK_POLL_S = 0.2
 
 
 class Stop(Exception):
@@ -194,6 +197,8 @@ class Gate:
         self.ledger = Ledger(nc, self.subjects, config.streams)
         self.consumer: Durable | None = None
         self.in_flight: dict[str, int] = {}
+        self._link_restored = asyncio.Event()
+        self._link_task: asyncio.Task[None] | None = None
         self.deferred = 0
 
     async def start(self) -> None:
@@ -216,11 +221,14 @@ class Gate:
             metadata={"tuxpilot": "gate", "host": self.subjects.host},
         )
         await self.consumer.start()
+        self._link_task = asyncio.create_task(self._watch_link(), name="gate-link")
         log.info("gate.started", subject=self.subjects.proposal(), dry_run=self.config.gate.dry_run)
 
     async def stop(self) -> None:
         if self.consumer is not None:
             await self.consumer.stop(grace_s=self.config.gate.action_timeout_s)
+        if self._link_task is not None:
+            self._link_task.cancel()
 
     async def _on_msg(self, msg: Msg) -> None:
         try:
@@ -319,23 +327,56 @@ class Gate:
         await self.ledger.save_cooldown(key, at)
 
     async def execute(self, action: ProposedAction, aid: str, event_id: str, spec: ActionSpec) -> Result:
-        """Request the owning plugin's endpoint; map silence and refusals to results."""
+        """Request the owning plugin's endpoint; map silence and refusals to results.
+
+        When the link to the server is restored while waiting, the request (or its reply) may have
+        been lost with the old connection: it is sent again with the same action id, which the
+        plugin answers from its first run instead of running the action twice.
+        """
         timeout = spec.timeout_s or self.config.gate.action_timeout_s
-        try:
-            msg = await self.nc.request(
-                self.subjects.act(action.plugin, action.action),
-                json.dumps(action.params).encode(),
-                timeout=timeout,
-                headers={ACTION_ID_HEADER: aid, EVENT_ID_HEADER: event_id},
-            )
-        except NoRespondersError:
-            message = f"no {action.plugin} instance is serving {action.action}"
-            return Result(status="unavailable", reason="no_responders", message=message)
-        except (NatsTimeout, TimeoutError):
-            return Result(status="timeout", reason="timeout", message=f"no reply within {timeout} s")
-        except Exception as exc:
-            return Result(status="error", reason="internal", message=error_doc(exc)["message"])
-        return reply_to_result(msg)
+        subject, body = self.subjects.act(action.plugin, action.action), json.dumps(action.params).encode()
+        headers = {ACTION_ID_HEADER: aid, EVENT_ID_HEADER: event_id}
+        # No responders means the request reached nobody: safe to ask again while a plugin
+        # (re)subscribes, for example just after the server came back.
+        patience = asyncio.get_running_loop().time() + self.config.gate.unavailable_retry_s
+        while True:
+            try:
+                return reply_to_result(await self._request(subject, body, timeout, headers))
+            except NoRespondersError:
+                if asyncio.get_running_loop().time() < patience:
+                    await asyncio.sleep(UNAVAILABLE_RETRY_S)
+                    continue
+                message = f"no {action.plugin} instance is serving {action.action}"
+                return Result(status="unavailable", reason="no_responders", message=message)
+            except (NatsTimeout, TimeoutError):
+                return Result(status="timeout", reason="timeout", message=f"no reply within {timeout} s")
+            except Exception as exc:
+                return Result(status="error", reason="internal", message=error_doc(exc)["message"])
+
+    async def _request(self, subject: str, body: bytes, wait_s: float, headers: dict[str, str]) -> Msg:
+        """One request, sent again (same headers) if the link is restored while it waits."""
+        for attempt in range(RESEND_ATTEMPTS):
+            link = self._link_restored
+            request = asyncio.ensure_future(self.nc.request(subject, body, timeout=wait_s, headers=headers))
+            restored = asyncio.ensure_future(link.wait())
+            await asyncio.wait({request, restored}, return_when=asyncio.FIRST_COMPLETED)
+            restored.cancel()
+            if request.done():
+                return request.result()
+            request.cancel()
+            log.info("gate.request_resent", action_id=headers.get(ACTION_ID_HEADER), subject=subject, attempt=attempt)
+        return await self.nc.request(subject, body, timeout=wait_s, headers=headers)
+
+    async def _watch_link(self) -> None:
+        """Wake the requests waiting when the client has reconnected."""
+        seen = self.nc.stats["reconnects"]
+        while True:
+            await asyncio.sleep(LINK_POLL_S)
+            now_seen = self.nc.stats["reconnects"]
+            if now_seen != seen and self.nc.is_connected:
+                seen = now_seen
+                restored, self._link_restored = self._link_restored, asyncio.Event()
+                restored.set()
 
     async def record(self, result: Result, plugin: str, action: str) -> None:
         """Store the outcome in the audit stream; retried through a reconnect, deduplicated by id."""

@@ -25,6 +25,7 @@ import json
 import signal
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.micro import add_service
-from nats.micro.request import Request
+from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 from nats.micro.service import EndpointStats, Service
 
 from agent import bus, registry, streams
@@ -48,6 +49,8 @@ from agent.models import Event, Proposal, ProposedAction, Result, new_id
 ACTION_ID_HEADER = "Tuxpilot-Action-Id"
 EVENT_ID_HEADER = "Tuxpilot-Event-Id"
 MAX_PARAMS_BYTES = 256 * 1024
+# Replies kept by action id, so a re-sent request is answered without running the action again.
+REMEMBERED_REPLIES = 10_000
 
 
 class ActionError(TuxPilotError):
@@ -263,6 +266,9 @@ class _Running:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     consumer: Durable | None = None
     counts: dict[str, dict[str, float]] = field(default_factory=dict)
+    replies: OrderedDict[str, asyncio.Future[tuple[bytes, dict[str, str] | None]]] = field(
+        default_factory=OrderedDict
+    )
 
     def context(self, event: Event | None = None, action_id: str | None = None, **bind: Any) -> Context:
         log = self.log.bind(**bind)
@@ -391,24 +397,45 @@ class _Running:
         return handle
 
     async def _answer(self, req: Request, action: str) -> None:
+        try:
+            headers = req.headers or {}
+            given = headers.get(ACTION_ID_HEADER)
+            if given is None:  # an operator's request: every one is new
+                body, reply_headers = await self._run_action(req, action, new_id(), headers)
+            else:
+                # The gate re-sends a request whose reply a reconnect may have lost: the same action
+                # id gets the first run's reply (or waits for it), never a second run.
+                reply = self.replies.get(given)
+                if reply is None:
+                    reply = asyncio.ensure_future(self._run_action(req, action, given, headers))
+                    self.replies[given] = reply
+                    if len(self.replies) > REMEMBERED_REPLIES:
+                        self.replies.popitem(last=False)
+                else:
+                    self.log.info("action.replayed", action=action, action_id=given)
+                body, reply_headers = await asyncio.shield(reply)
+            with contextlib.suppress(Exception):
+                await req.respond(body, headers=reply_headers)
+        finally:
+            self.slots.release()
+
+    async def _run_action(
+        self, req: Request, action: str, action_id: str, headers: dict[str, str]
+    ) -> tuple[bytes, dict[str, str] | None]:
+        """Validate, run, and build the reply: a `result` document, or an `error` one with micro headers."""
         started = time.perf_counter()
-        headers = req.headers or {}
-        action_id = headers.get(ACTION_ID_HEADER) or new_id()
         ctx = self.context(action=action, action_id=action_id)
         if headers.get(EVENT_ID_HEADER):
             ctx.log = ctx.log.bind(event_id=headers[EVENT_ID_HEADER])
-        ctx.action_id = action_id
         stat = self.counts.setdefault(action, {"ok": 0, "error": 0, "ms_total": 0.0})
         try:
             params = parse_params(req.data)
-            spec = self.plugin.manifest.params_validator(action)
-            spec.check(params)
+            self.plugin.manifest.params_validator(action).check(params)
             params = with_defaults(self.plugin.manifest.actions[action].params, params)
             result = to_result(await _call(self.plugin._actions[action], params, ctx))
-            body = result.to_json()
-            await req.respond(body)
             stat["ok"] += 1
             ctx.log.debug("action.done", status=result.status, ms=round((time.perf_counter() - started) * 1000, 2))
+            return result.to_json(), None
         except Exception as exc:  # every failure becomes an `error` reply; the plugin lives on
             stat["error"] += 1
             doc = error_doc(exc)
@@ -417,11 +444,10 @@ class _Running:
             else:
                 ctx.log.exception("action.failed")
             code = str(exc.status) if isinstance(exc, TuxPilotError) else "500"
-            with contextlib.suppress(Exception):
-                await req.respond_error(code, doc["message"][:1000].replace("\n", " "), data=json.dumps(doc).encode())
+            description = doc["message"][:1000].replace("\n", " ").replace("\r", " ")
+            return json.dumps(doc).encode(), {ERROR_HEADER: description, ERROR_CODE_HEADER: code}
         finally:
             stat["ms_total"] += (time.perf_counter() - started) * 1000
-            self.slots.release()
 
     def _stats(self, endpoint: EndpointStats) -> dict[str, Any]:
         # Requests are answered in tasks, so the framework's own error count misses handler failures.
