@@ -23,7 +23,7 @@ from agent import bus
 from agent.config import Config
 from agent.gate import Gate
 from agent.manifest import Manifest
-from agent.models import Event, Proposal, ProposedAction
+from agent.models import Event, ProposedAction
 from agent.registry import Registry
 from agent.sdk import Context, Plugin
 from agent.server import NatsServer
@@ -122,7 +122,8 @@ async def test_server_killed_mid_stream_loses_no_event_and_runs_no_action_twice(
                 nats_server.kill()
                 await asyncio.sleep(0.5)
                 await asyncio.to_thread(nats_server.restart)
-            retries += await publish_until_stored(producer, subjects, Event.new("counter.tick", "test-host", value=seq)) - 1
+            event = Event.new("counter.tick", "test-host", value=seq)
+            retries += await publish_until_stored(producer, subjects, event) - 1
         try:
             await until(lambda: len(ran) == total, 60, f"{total} distinct executions")
         except AssertionError as exc:
