@@ -102,7 +102,8 @@ async def connect(
         blog.warning("nats.error", error=f"{type(exc).__name__}: {exc}")
 
     async def on_disconnected() -> None:
-        blog.warning("nats.disconnected")
+        if not (nc.is_closed or nc.is_draining):  # a close we asked for is no news
+            blog.warning("nats.disconnected")
 
     async def on_reconnected() -> None:
         blog.info("nats.reconnected", url=str(nc.connected_url.geturl() if nc.connected_url else ""))

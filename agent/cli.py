@@ -81,6 +81,8 @@ def _run(coro: Awaitable[Any]) -> Any:
         fail(exc.message, codes.get(exc.code, EXIT_FAILED))
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    except (OSError, ConnectionError) as exc:
+        fail(f"{type(exc).__name__}: {exc}", EXIT_UNAVAILABLE)
 
 
 async def _connect(config: Config) -> Client:
@@ -164,18 +166,16 @@ def up(ctx: typer.Context, quiet: Annotated[bool, typer.Option(help="Do not prin
         sys.stdout.flush()
         if not quiet and agent.nc is not None:
             s = agent.subjects
-            watch = [s.events(host=s.host), s.proposal(), s.results(s.host)]
-            for subject in watch:
-                await agent.nc.subscribe(subject, cb=lambda m: _print_line(m.subject, m.data))
+            for subject in (s.events(host=s.host), s.proposal(), s.results(s.host)):
+                await agent.nc.subscribe(subject, cb=_print_msg)
         await runner
 
     _run(main())
 
 
-def _print_line(subject: str, data: bytes) -> Awaitable[None]:
-    out.print(describe(subject, data))
+async def _print_msg(msg: Any) -> None:
+    out.print(describe(msg.subject, msg.data))
     sys.stdout.flush()
-    return asyncio.sleep(0)
 
 
 @app.command()
@@ -226,6 +226,47 @@ async def _actions_of(nc: Client, subjects: bus.Subjects, host: str, plugin: str
         return sorted(json.loads(entry.value or b"{}")["manifest"].get("actions", {}))
     except Exception:
         return []
+
+
+@app.command()
+def status(
+    ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
+) -> None:
+    """The connection to the bus, the streams, registered and running plugins, consumer backlogs."""
+    from agent.status import snapshot
+
+    config = _config(ctx)
+
+    async def main() -> dict[str, Any]:
+        nc = await _connect(config)
+        try:
+            return await snapshot(nc, bus.Subjects.of(config))
+        finally:
+            await nc.close()
+
+    state: dict[str, Any] = _run(main())
+    if as_json:
+        out.print_json(json.dumps(state))
+        return
+    server = state["server"]
+    out.print(
+        f"[green]connected[/] to {state['url']} ({server['name']}, nats-server {server['version']}, "
+        f"JetStream {'on' if server['jetstream'] else 'off'}), round trip {state['rtt_ms']:.1f} ms"
+    )
+    table = Table("stream", "messages", "bytes")
+    for name, figures in state["streams"].items():
+        table.add_row(name, str(figures.get("messages", "-")), str(figures.get("bytes", figures.get("error", ""))))
+    out.print(table)
+    table = Table("consumer", "stream", "pending", "ack pending", "redelivered")
+    for c in state["consumers"]:
+        table.add_row(c["name"], c["stream"], str(c["pending"]), str(c["ack_pending"]), str(c["redelivered"]))
+    out.print(table)
+    table = Table("plugin (host.name)", "version", "running instances")
+    for key, version in sorted(state["registered"].items()):
+        host, name = key.split(".", 1)
+        count = sum(1 for r in state["running"] if r["plugin"] == name and r["host"] == host)
+        table.add_row(key, str(version), str(count))
+    out.print(table)
 
 
 @app.command()
