@@ -45,7 +45,8 @@ def local_plugins(config: Config) -> dict[str, tuple[Path, Manifest]]:
     found = discover(plugin_dirs(config))
     missing = [name for name in config.run_plugins if name not in found]
     if missing:
-        raise ConfigError(f"config key run_plugins: no plugin named {', '.join(missing)} in {plugin_dirs(config)}")
+        where = ", ".join(str(d) for d in plugin_dirs(config))
+        raise ConfigError(f"config key run_plugins: no plugin named {', '.join(missing)} in {where}")
     return {name: found[name] for name in config.run_plugins if config.plugin(name).enabled}
 
 

@@ -44,7 +44,7 @@ app.add_typer(events_app, name="events")
 app.add_typer(schema_app, name="schema")
 
 out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
