@@ -247,3 +247,64 @@ async def test_agent_killed_with_proposals_in_flight_runs_nothing_twice_and_keep
         if first.poll() is None:
             first.kill()
         await held.stop()
+
+
+SLOWPOKE = Path(__file__).resolve().parent / "plugins" / "slowpoke"
+
+
+def replica(config: Config, marks: Path) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "TUXPILOT_NATS_URL": config.nats.url or "",
+        "TUXPILOT_HOST_ID": config.host_id,
+        "TUXPILOT_STATE_DIR": str(config.state_dir),
+        "TUXPILOT_STREAMS_ACK_WAIT_S": "2",
+        "TUXPILOT_PLUGINS": json.dumps({"slowpoke": {"config": {"dir": str(marks)}}}),
+        "TUXPILOT_LOG_LEVEL": "warning",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "plugin", "run", str(SLOWPOKE)], env=env, stdin=subprocess.DEVNULL
+    )
+
+
+async def test_plugin_replica_killed_mid_event_hands_it_to_the_other_replica(
+    nc: Client, fast_reconnect: Config, tmp_path: Path
+) -> None:
+    from agent.registry import live_instances
+
+    config, subjects = fast_reconnect, bus.Subjects.of(fast_reconnect)
+    config.plugins["slowpoke"] = config.plugin("slowpoke").model_copy(update={"permissions": ["filesystem_write"]})
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    replicas = [replica(config, marks) for _ in range(2)]
+    registry, gate = await start_gate(nc, config)
+    try:
+        async def both_live() -> bool:
+            return len([i for i in await live_instances(nc, "test-host", wait=0.1) if i["name"] == "slowpoke"]) == 2
+
+        deadline = asyncio.get_running_loop().time() + 30
+        while not await both_live():
+            assert asyncio.get_running_loop().time() < deadline, "replicas did not start"
+            await asyncio.sleep(0.1)
+        event = Event.new("slow.work", "test-host", value=3)
+        await bus.publish_event(nc, subjects, event)
+        await until(lambda: any(marks.glob(f"handling-*-{event.id}")), 20, "a replica to take the event")
+        [taken] = list(marks.glob(f"handling-*-{event.id}"))
+        victim = int(taken.name.split("-")[1])
+        os.kill(victim, signal.SIGKILL)
+
+        executed = marks / "executed"
+        await until(lambda: executed.exists() and event.id in executed.read_text(), 40, "the other replica")
+        await asyncio.sleep(2.5)  # past another ack wait: no second run appears
+        lines = executed.read_text().split()
+        assert lines.count(event.id) == 1, "the action ran more than once"
+        runner = int(lines[lines.index(event.id) + 1])
+        assert runner != victim
+        assert len(list(marks.glob(f"handling-*-{event.id}"))) == 2  # taken by both: redelivered
+    finally:
+        await gate.stop()
+        await registry.stop()
+        for proc in replicas:
+            if proc.poll() is None:
+                proc.terminate()
+            proc.wait(10)
