@@ -17,8 +17,8 @@ import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from agent import bus
-from agent.config import Config
+from agent import auth, bus
+from agent.config import Config, default_config_path, load_config
 from agent.errors import ConfigError
 from agent.gate import Gate
 from agent.host import PluginHost
@@ -26,7 +26,8 @@ from agent.manifest import Manifest, builtin_dir, discover
 from agent.models import Event, Metrics, Result, now
 from agent.monitor import Monitor, Reading
 from agent.outbox import Outbox
-from agent.registry import Registry
+from agent.registry import Registry, open_bucket
+from agent.sdk import create_plugin_consumer
 from agent.server import NatsServer
 from agent.streams import Names, ensure_streams
 
@@ -34,6 +35,7 @@ log = structlog.get_logger("tuxpilot.agent")
 
 # Dead letters are filed under tuxpilot.result.<host>.<plugin>.on_event.
 DEAD_LETTER_ACTION = "on_event"
+CONFIG_POLL_S = 1.0
 
 
 def plugin_dirs(config: Config) -> list[Path]:
@@ -75,17 +77,32 @@ class Agent:
         self.url: str = ""
         self.outbox: Outbox | None = None
         self._dead_letters: Any = None
+        self._config_watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         cfg = self.config
         plugins = local_plugins(cfg) if self.run_plugins else {}
+        credentials: dict[str, Path] = {}
+        nats_cfg = cfg.nats
         if self.embedded:
             cfg.state_dir.mkdir(parents=True, exist_ok=True)
+            authorization = ""
+            if cfg.embedded.auth:
+                users = auth.users_for(self.subjects, {name: m for name, (_, m) in plugins.items()})
+                hashes = await asyncio.to_thread(auth.provision, cfg.state_dir, users)
+                authorization = auth.server_config(users, hashes)
+                credentials = {
+                    u.plugin: auth.credential_file(cfg.state_dir, u.name) for u in users if u.plugin is not None
+                }
+                nats_cfg = cfg.nats.model_copy(
+                    update={"user_file": auth.credential_file(cfg.state_dir, auth.agent_user(self.subjects).name)}
+                )
             self.server = NatsServer(
                 cfg.state_dir / "nats",
                 host=cfg.embedded.host,
                 port=cfg.embedded.port,
                 sync_interval=cfg.embedded.sync_interval,
+                extra_config=authorization,
             )
             await asyncio.to_thread(self.server.start, cfg.embedded.ready_timeout_s)
             self.url = self.server.url
@@ -96,10 +113,14 @@ class Agent:
                 raise ConfigError("config key nats.url: not set, and no local `tuxpilot up` is running")
             self.url = url
         self.nc = await bus.connect(
-            cfg.nats, self.url, name=f"tuxpilot-agent-{cfg.host_id}", on_reconnect=self._on_reconnect
+            nats_cfg, self.url, name=f"tuxpilot-agent-{cfg.host_id}", on_reconnect=self._on_reconnect
         )
         js = self.nc.jetstream()
         await ensure_streams(js, self.subjects, cfg.streams)
+        # What plugins may not do for themselves under generated authorization.
+        await open_bucket(js, self.subjects)
+        for _, manifest in plugins.values():
+            await create_plugin_consumer(js, manifest, self.subjects, cfg.streams)
         self.outbox = Outbox(self._send_event, limit=cfg.monitor.buffer_events)
         self._dead_letters = await self.nc.subscribe(
             f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{Names.of(self.subjects).events}.*", cb=self._on_dead_letter
@@ -115,8 +136,39 @@ class Agent:
             await self.monitor.start()
         if plugins:
             self.host = PluginHost(cfg, self.url, plugins)
+            self.host.credentials = credentials
             await self.host.start()
+        self._config_watch = asyncio.create_task(self._watch_config(), name="config-watch")
         log.info("agent.started", host=cfg.host_id, url=self.url, plugins=sorted(plugins))
+
+    def reload(self) -> None:
+        """Take grants and gate policy from the config file again (after `plugin grant`, or SIGHUP)."""
+        path = self.config.source or default_config_path()
+        try:
+            fresh = load_config(path if path.is_file() else None)
+        except ConfigError as exc:
+            log.error("config.reload_failed", error=exc.message)
+            return
+        self.config.plugins = fresh.plugins
+        self.config.gate = fresh.gate
+        log.info("config.reloaded", path=str(path), plugins={n: p.permissions for n, p in fresh.plugins.items()})
+
+    async def _watch_config(self) -> None:
+        path = self.config.source or default_config_path()
+
+        def stamp() -> float | None:
+            try:
+                return path.stat().st_mtime
+            except OSError:
+                return None
+
+        seen = stamp()
+        while True:
+            await asyncio.sleep(CONFIG_POLL_S)
+            now_stamp = stamp()
+            if now_stamp != seen:
+                seen = now_stamp
+                self.reload()
 
     async def _send_event(self, event: Event) -> None:
         assert self.nc is not None
@@ -181,6 +233,8 @@ class Agent:
 
     async def stop(self) -> None:
         """Reverse order; each part's failure to stop is logged and the rest still stop."""
+        if self._config_watch is not None:
+            self._config_watch.cancel()
         if self._dead_letters is not None:
             with contextlib.suppress(Exception):
                 await self._dead_letters.unsubscribe()
@@ -205,6 +259,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
             await self.start()
             if ready is not None:

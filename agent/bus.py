@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -69,6 +70,25 @@ async def publish_event(nc: Client, subjects: Subjects, event: Event, *, ack_wai
     )
 
 
+def inbox_prefix(user: str) -> str:
+    """Each user's own reply inboxes, so that permissions can keep others out of them."""
+    return "_INBOX_" + "".join(c if c.isalnum() or c in "-_" else "_" for c in user)
+
+
+def operator_file(config: Config) -> Path:
+    return config.state_dir / "credentials" / f"tuxpilot-{config.host_id}-operator.json"
+
+
+def local_nats(config: Config) -> NatsConfig:
+    """The connection settings for a command on this host: the operator's credentials that a local
+    `tuxpilot up` wrote, unless credentials are configured."""
+    cfg = config.nats
+    if cfg.user or cfg.user_file or cfg.creds or cfg.token:
+        return cfg
+    found = operator_file(config)
+    return cfg.model_copy(update={"user_file": found}) if found.is_file() else cfg
+
+
 def url_file(state_dir: Path) -> Path:
     return state_dir / URL_FILE
 
@@ -110,11 +130,16 @@ async def connect(
         if on_reconnect is not None:
             await on_reconnect()
 
+    user, password = cfg.user, cfg.password
+    if cfg.user_file is not None:
+        doc = json.loads(cfg.user_file.read_text())
+        user, password = doc["user"], doc["password"]
     nc = await nats.connect(
         servers=[u.strip() for u in url.split(",") if u.strip()],
         name=name,
-        user=cfg.user,
-        password=cfg.password,
+        user=user,
+        password=password,
+        inbox_prefix=inbox_prefix(user) if user else "_INBOX",
         token=cfg.token,
         user_credentials=str(cfg.creds) if cfg.creds else None,
         tls=_tls(cfg),

@@ -42,6 +42,8 @@ app.add_typer(plugin_app, name="plugin")
 app.add_typer(event_app, name="event")
 app.add_typer(events_app, name="events")
 app.add_typer(schema_app, name="schema")
+auth_app = typer.Typer(help="The NATS authorization TuxPilot generates for its users.", no_args_is_help=True)
+app.add_typer(auth_app, name="auth")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -90,7 +92,7 @@ async def _connect(config: Config) -> Client:
     if url is None:
         fail("no NATS server: set TUXPILOT_NATS_URL or nats.url, or start `tuxpilot up`", EXIT_UNAVAILABLE)
     try:
-        return await bus.connect(config.nats, url, name="tuxpilot-cli")
+        return await bus.connect(bus.local_nats(config), url, name="tuxpilot-cli")
     except Exception as exc:
         fail(f"cannot connect to {url}: {exc}", EXIT_UNAVAILABLE)
 
@@ -358,6 +360,86 @@ def plugin_list(
         cells = [r["name"], r["version"], r["category"], r["runtime"], ", ".join(r["actions"]), ", ".join(r["granted"])]
         table.add_row(*cells, *extra)
     out.print(table)
+
+
+def _grant(ctx: typer.Context, name: str, permissions: list[str], *, revoke: bool) -> None:
+    from agent.config import config_path, default_config_path, edit_grants
+    from agent.manifest import Permission
+
+    config = _config(ctx)
+    found = discover(plugin_dirs(config))
+    if name not in found:
+        fail(f"no plugin named {name!r} (installed: {', '.join(sorted(found)) or 'none'})", EXIT_USAGE)
+    try:
+        chosen = [Permission(p) for p in permissions]
+    except ValueError as exc:
+        fail(f"{exc}; permissions are {', '.join(p.value for p in Permission)}", EXIT_USAGE)
+    manifest = found[name][1]
+    path = config_path(ctx.find_root().params.get("config")) or default_config_path()
+    current = config.plugin(name).granted(manifest)
+    try:
+        granted = edit_grants(path, manifest, current, add=[] if revoke else chosen, remove=chosen if revoke else [])
+    except ConfigError as exc:
+        fail(exc.message, EXIT_USAGE)
+    out.print(f"{name}: granted {', '.join(p.value for p in granted) or 'nothing'} (in {path})")
+
+
+@plugin_app.command("grant")
+def plugin_grant(ctx: typer.Context, name: str, permissions: list[str]) -> None:
+    """Grant a plugin permissions its manifest asks for (written to the host config; a running agent reloads it)."""
+    _grant(ctx, name, permissions, revoke=False)
+
+
+@plugin_app.command("revoke")
+def plugin_revoke(ctx: typer.Context, name: str, permissions: list[str]) -> None:
+    """Take permissions back from a plugin."""
+    _grant(ctx, name, permissions, revoke=True)
+
+
+@auth_app.command("show")
+def auth_show(
+    ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
+) -> None:
+    """For each generated NATS user, what it may publish and subscribe to."""
+    from agent import auth
+
+    config = _config(ctx)
+    users = auth.users_for(bus.Subjects.of(config), {n: m for n, (_, m) in _local(config).items()})
+    if as_json:
+        out.print_json(json.dumps(auth.describe(users)))
+        return
+    table = Table("user", "role", "may publish", "may subscribe", "replies")
+    for u in users:
+        table.add_row(u.name, u.role, "\n".join(u.publish), "\n".join(u.subscribe), "yes" if u.allow_responses else "")
+    out.print(table)
+
+
+@auth_app.command("export")
+def auth_export(
+    ctx: typer.Context,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the server-config snippet.")] = Path(
+        "tuxpilot-auth.conf"
+    ),
+) -> None:
+    """Write the `authorization` block for an external nats-server, and each user's credential file."""
+    from agent import auth
+
+    config = _config(ctx)
+    users = auth.users_for(bus.Subjects.of(config), {n: m for n, (_, m) in _local(config).items()})
+    hashes = auth.provision(config.state_dir, users, url=config.nats.url)
+    output.write_text(auth.server_config(users, hashes))
+    out.print(f"wrote {output}: include it in the server config (`include {output.name}`)")
+    for u in users:
+        out.print(f"  {u.role:8} {u.name}: {auth.credential_file(config.state_dir, u.name)}")
+
+
+def _local(config: Config) -> dict[str, Any]:
+    from agent.app import local_plugins
+
+    try:
+        return local_plugins(config)
+    except ConfigError as exc:
+        fail(exc.message, EXIT_USAGE)
 
 
 @plugin_app.command("run")

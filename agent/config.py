@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from agent.errors import ConfigError
 from agent.manifest import DANGEROUS, Manifest, Permission
@@ -54,6 +54,7 @@ class NatsConfig(Section):
     password: str | None = None
     token: str | None = None
     creds: Path | None = Field(None, description="A .creds file (JWT + nkey seed).")
+    user_file: Path | None = Field(None, description="A TuxPilot credential file (user, password) as `auth` writes.")
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -69,6 +70,7 @@ class NatsConfig(Section):
 
 
 class EmbeddedConfig(Section):
+    auth: bool = Field(True, description="Run the embedded server with the generated per-plugin authorization.")
     host: str = "127.0.0.1"
     port: int = Field(-1, ge=-1, le=65535, description="-1: any free port.")
     sync_interval: str = Field("1s", description="JetStream fsync interval; 'always' for every write.")
@@ -181,6 +183,12 @@ class Config(Section):
     run_plugins: list[str] = Field(["sysmon"], description="Local plugins `tuxpilot up` starts and supervises.")
     plugins: dict[str, PluginSettings] = Field(default_factory=dict)
     log: LogConfig = LogConfig()
+    _source: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source(self) -> Path | None:
+        """The file this configuration was read from, if any."""
+        return self._source
 
     def plugin(self, name: str) -> PluginSettings:
         return self.plugins.get(name) or PluginSettings()
@@ -221,13 +229,50 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def default_config_path() -> Path:
+    """Where the host config lives when none is named: /etc as root, else the user's config dir."""
+    if os.geteuid() == 0:
+        return SYSTEM_CONFIG
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "tuxpilot" / "tuxpilot.toml"
+
+
 def config_path(explicit: Path | None = None, environ: dict[str, str] | None = None) -> Path | None:
-    environ = dict(os.environ) if environ is None else environ
+    """The config file in force: `--config`, else TUXPILOT_CONFIG, else the default one if it exists.
+
+    Given an explicit `environ`, only that environment counts: the default file is not looked for.
+    """
     if explicit is not None:
         return explicit
-    if environ.get(ENV_PREFIX + "CONFIG"):
-        return Path(environ[ENV_PREFIX + "CONFIG"])
-    return SYSTEM_CONFIG if SYSTEM_CONFIG.is_file() else None
+    env = dict(os.environ) if environ is None else environ
+    if env.get(ENV_PREFIX + "CONFIG"):
+        return Path(env[ENV_PREFIX + "CONFIG"])
+    if environ is not None:
+        return None
+    default = default_config_path()
+    return default if default.is_file() else None
+
+
+def edit_grants(path: Path, manifest: Manifest, current: frozenset[Permission], *, add: list[Permission],
+                remove: list[Permission]) -> list[Permission]:
+    """Write `[plugins.<name>] permissions` into the TOML file at `path`, keeping its comments and layout.
+
+    Only permissions the manifest asks for can be granted. Returns the new grant list.
+    """
+    import tomlkit
+
+    unknown = [p.value for p in add if p not in manifest.permissions]
+    if unknown:
+        raise ConfigError(f"{manifest.name} does not ask for {', '.join(unknown)} (its manifest: "
+                          f"{', '.join(p.value for p in manifest.permissions) or 'nothing'})")
+    granted = sorted((set(current) | set(add)) - set(remove), key=lambda p: p.value)
+    doc = tomlkit.parse(path.read_text()) if path.is_file() else tomlkit.document()
+    plugins = doc.setdefault("plugins", tomlkit.table(is_super_table=True))
+    section = plugins.setdefault(manifest.name, tomlkit.table())
+    section["permissions"] = [p.value for p in granted]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomlkit.dumps(doc))
+    return granted
 
 
 def load_config(path: Path | None = None, environ: dict[str, str] | None = None) -> Config:
@@ -245,7 +290,9 @@ def load_config(path: Path | None = None, environ: dict[str, str] | None = None)
     # Merge onto the defaults so that setting one key of a section keeps the section's other defaults.
     doc = _merge(_merge(Config().model_dump(), doc), _env_overrides(Config, environ))
     try:
-        return Config.model_validate(doc)
+        config = Config.model_validate(doc)
+        config._source = path
+        return config
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"

@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import NotFoundError
 
 log = structlog.get_logger("tuxpilot.consumer")
 
@@ -97,11 +98,24 @@ class Durable:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
             self._sub = None
-        try:
-            await self.js.add_consumer(self.stream, config=self.config)
-        except Exception as exc:  # an existing consumer with older settings still serves
-            self.log.debug("consumer.add_failed", error=str(exc))
+        await self.ensure()
         self._sub = await self.js.pull_subscribe_bind(durable=self.name, stream=self.stream)
+
+    async def ensure(self) -> None:
+        """Create the consumer, or update it when its filters changed; leave a matching one alone.
+
+        Asking first matters under generated authorization: a plugin may read its consumer's info
+        but not create one (the agent creates it from the manifest).
+        """
+        try:
+            info = await self.js.consumer_info(self.stream, self.name)
+            if sorted(info.config.filter_subjects or [info.config.filter_subject or ""]) == sorted(
+                self.config.filter_subjects or []
+            ):
+                return
+        except NotFoundError:
+            pass
+        await self.js.add_consumer(self.stream, config=self.config)
 
     async def _pull(self) -> None:
         empty = 0

@@ -24,6 +24,16 @@ BACKOFF_MAX_S = 60.0
 # A plugin that stayed up this long is healthy again: its backoff starts over.
 HEALTHY_AFTER_S = 30.0
 # Environment a plugin process keeps from the agent's; everything else is scrubbed.
+# The agent's own credentials never pass to a plugin.
+AGENT_SECRETS = frozenset(
+    {
+        "TUXPILOT_NATS_USER",
+        "TUXPILOT_NATS_PASSWORD",
+        "TUXPILOT_NATS_TOKEN",
+        "TUXPILOT_NATS_CREDS",
+        "TUXPILOT_NATS_USER_FILE",
+    }
+)
 KEEP_ENV = ("PATH", "LANG", "LC_ALL", "HOME", "TZ", "PYTHONPATH", "VIRTUAL_ENV", "DOCKER_HOST")
 
 
@@ -63,9 +73,18 @@ class PluginHost:
         }
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        # Each plugin's own credential file, under generated authorization.
+        self.credentials: dict[str, Path] = {}
 
     def environment(self, plugin: Supervised) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k in KEEP_ENV or k.startswith("TUXPILOT_")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if (k in KEEP_ENV or k.startswith("TUXPILOT_")) and k not in AGENT_SECRETS
+        }
+        user_file = self.credentials.get(plugin.name)
+        if user_file is not None:
+            env["TUXPILOT_NATS_USER_FILE"] = str(user_file)
         env.update(
             TUXPILOT_NATS_URL=self.url,
             TUXPILOT_HOST_ID=self.config.host_id,

@@ -39,8 +39,8 @@ from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 from nats.micro.service import EndpointStats, Service
 
 from agent import bus, registry, streams
-from agent.config import Config, load_config
-from agent.consumer import Durable, redelivery_delay
+from agent.config import Config, StreamsConfig, load_config
+from agent.consumer import Durable, Handler, redelivery_delay
 from agent.errors import BadRequest, ConfigError, Forbidden, PayloadTooLarge, TuxPilotError, error_doc
 from agent.manifest import Manifest
 from agent.manifest import load as load_manifest
@@ -228,7 +228,7 @@ class Plugin:
         url = bus.local_url(config)
         if url is None:
             raise ConfigError("no NATS server: set TUXPILOT_NATS_URL or start `tuxpilot up`")
-        nc = await bus.connect(config.nats, url, name=f"tuxpilot-plugin-{self.name}")
+        nc = await bus.connect(config.nats, url, name=f"tuxpilot-plugin-{self.name}", on_reconnect=None)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -304,21 +304,11 @@ class _Running:
             # One durable consumer per plugin and host, shared by its replicas: each event is
             # handled once per plugin, acked only after the proposal is stored.
             js = self.nc.jetstream()
-            await streams.ensure_streams(js, self.subjects, self.config.streams, update=False)
-            names = streams.Names.of(self.subjects)
-            cfg = self.config.streams
-            self.consumer = Durable(
-                js,
-                stream=names.events,
-                name=f"{p.name}-{self.subjects.host}",
-                filter_subjects=[self.subjects.events(pattern, host=None) for pattern in p.manifest.subscribes],
-                handler=self._on_event_msg,
-                ack_wait=cfg.ack_wait_s,
-                max_deliver=cfg.max_deliver,
-                backoff=cfg.backoff_s,
-                metadata={"tuxpilot": "plugin", "plugin": p.name, "host": self.subjects.host},
-            )
+            if not await streams.have_streams(js, self.subjects):  # no agent yet: create them
+                await streams.ensure_streams(js, self.subjects, self.config.streams, update=False)
+            self.consumer = plugin_consumer(js, p.manifest, self.subjects, self.config.streams, self._on_event_msg)
             await self.consumer.start()
+
         for seconds, fn in p._tasks_every:
             self._spawn(self._every(seconds, fn))
         await self.nc.flush()
@@ -468,6 +458,33 @@ def _as_actions(value: Any) -> Iterable[ProposedAction]:
     if isinstance(value, ProposedAction):
         return [value]
     return [a if isinstance(a, ProposedAction) else ProposedAction.model_validate(a) for a in value]
+
+
+def plugin_consumer(
+    js: Any, manifest: Manifest, subjects: bus.Subjects, cfg: StreamsConfig, handler: Handler
+) -> Durable:
+    """The durable consumer of a plugin's events on one host: filters from its manifest's `subscribes`."""
+    return Durable(
+        js,
+        stream=streams.Names.of(subjects).events,
+        name=streams.plugin_consumer_name(manifest.name, subjects.host),
+        filter_subjects=[subjects.events(pattern, host=None) for pattern in manifest.subscribes],
+        handler=handler,
+        ack_wait=cfg.ack_wait_s,
+        max_deliver=cfg.max_deliver,
+        backoff=cfg.backoff_s,
+        metadata={"tuxpilot": "plugin", "plugin": manifest.name, "host": subjects.host},
+    )
+
+
+async def _no_handler(msg: Msg) -> None:
+    raise RuntimeError("consumer created for someone else")
+
+
+async def create_plugin_consumer(js: Any, manifest: Manifest, subjects: bus.Subjects, cfg: StreamsConfig) -> None:
+    """What the agent does for each local plugin under generated authorization (plugins may not)."""
+    if manifest.subscribes:
+        await plugin_consumer(js, manifest, subjects, cfg, _no_handler).ensure()
 
 
 def load_plugin(folder: Path) -> Plugin:

@@ -73,6 +73,19 @@ def stream_configs(subjects: Subjects, cfg: StreamsConfig) -> list[StreamConfig]
     ]
 
 
+def plugin_consumer_name(plugin: str, host: str) -> str:
+    """The durable consumer one plugin's replicas share on one host."""
+    return f"{plugin}-{host}"
+
+
+async def have_streams(js: JetStreamContext, subjects: Subjects) -> bool:
+    try:
+        await js.stream_info(Names.of(subjects).events)
+    except NotFoundError:
+        return False
+    return True
+
+
 async def ensure_streams(js: JetStreamContext, subjects: Subjects, cfg: StreamsConfig, *, update: bool = True) -> None:
     """Create the streams; with `update` (the agent) bring existing ones to the configured limits."""
     for config in stream_configs(subjects, cfg):
