@@ -408,10 +408,11 @@ def auth_show(
     if as_json:
         out.print_json(json.dumps(auth.describe(users)))
         return
-    table = Table("user", "role", "may publish", "may subscribe", "replies")
     for u in users:
-        table.add_row(u.name, u.role, "\n".join(u.publish), "\n".join(u.subscribe), "yes" if u.allow_responses else "")
-    out.print(table)
+        replies = ", may reply to requests" if u.allow_responses else ""
+        out.print(f"[bold]{u.name}[/] ({u.role}{replies})")
+        out.print("  may publish:   " + "\n                 ".join(u.publish), markup=False)
+        out.print("  may subscribe: " + "\n                 ".join(u.subscribe), markup=False)
 
 
 @auth_app.command("export")
