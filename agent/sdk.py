@@ -404,8 +404,17 @@ class _Running:
                 else:
                     self.log.info("action.replayed", action=action, action_id=given)
                 body, reply_headers = await asyncio.shield(reply)
-            with contextlib.suppress(Exception):
+            if len(body) > self.nc.max_payload - 1024:
+                # A reply the server would refuse would leave the caller waiting for nothing.
+                too_large = PayloadTooLarge(
+                    f"{action}'s reply is {len(body)} bytes; the server takes at most {self.nc.max_payload}",
+                )
+                self.log.warning("action.reply_too_large", action=action, bytes=len(body))
+                body, reply_headers = _error_reply(too_large)
+            try:
                 await req.respond(body, headers=reply_headers)
+            except Exception as exc:
+                self.log.warning("action.reply_failed", action=action, error=f"{type(exc).__name__}: {exc}")
         finally:
             self.slots.release()
 
@@ -433,9 +442,7 @@ class _Running:
                 ctx.log.info("action.refused", code=doc["code"], error=doc["message"])
             else:
                 ctx.log.exception("action.failed")
-            code = str(exc.status) if isinstance(exc, TuxPilotError) else "500"
-            description = doc["message"][:1000].replace("\n", " ").replace("\r", " ")
-            return json.dumps(doc).encode(), {ERROR_HEADER: description, ERROR_CODE_HEADER: code}
+            return _error_reply(exc)
         finally:
             stat["ms_total"] += (time.perf_counter() - started) * 1000
 
@@ -458,6 +465,14 @@ def _as_actions(value: Any) -> Iterable[ProposedAction]:
     if isinstance(value, ProposedAction):
         return [value]
     return [a if isinstance(a, ProposedAction) else ProposedAction.model_validate(a) for a in value]
+
+
+def _error_reply(exc: BaseException) -> tuple[bytes, dict[str, str]]:
+    """An `error` document, with the NATS micro error headers carrying the same code and message."""
+    doc = error_doc(exc)
+    code = str(exc.status) if isinstance(exc, TuxPilotError) else "500"
+    description = doc["message"][:1000].replace("\n", " ").replace("\r", " ")
+    return json.dumps(doc).encode(), {ERROR_HEADER: description, ERROR_CODE_HEADER: code}
 
 
 def plugin_consumer(

@@ -264,3 +264,20 @@ async def test_garbage_on_the_proposal_subject_is_refused_and_recorded(rig: Rig)
     assert record["status"] == "refused" and record["reason"] == "bad_request"
     # and the gate still serves good traffic
     assert (await rig.one(proposal("echo"))).status == "ok"
+
+
+async def test_a_reply_too_large_for_the_server_becomes_an_error_reply(nc: Client, config: Config) -> None:
+    plugin = Plugin(Manifest.from_doc({**DEMO, "name": "big", "subscribes": [], "actions": {"dump": {}}}))
+
+    @plugin.action("dump")
+    def dump(params: dict[str, Any], ctx: Context) -> str:
+        return "x" * (nc.max_payload + 10)
+
+    await plugin.start(nc, config)
+    try:
+        reply = await nc.request("tuxpilot.act.test-host.big.dump", b"", timeout=5)
+        assert json.loads(reply.data)["code"] == "payload_too_large"
+        assert reply.headers is not None
+        assert reply.headers["Nats-Service-Error-Code"] == "413"
+    finally:
+        await plugin.stop()
