@@ -142,7 +142,7 @@ class Plugin:
         self.name = manifest.name
         self._event_handlers: list[tuple[str, EventHandler]] = []
         self._actions: dict[str, ActionHandler] = {}
-        self._tasks_every: list[tuple[float, TaskHandler]] = []
+        self._tasks_every: list[tuple[float | str, TaskHandler]] = []
         self._on_start: list[TaskHandler] = []
         self._on_stop: list[TaskHandler] = []
         self._running: _Running | None = None
@@ -177,8 +177,11 @@ class Plugin:
 
         return register
 
-    def every(self, seconds: float) -> Callable[[TaskHandler], TaskHandler]:
-        """Run `fn(ctx)` every `seconds` while the plugin runs (errors are logged, the loop goes on)."""
+    def every(self, seconds: float | str) -> Callable[[TaskHandler], TaskHandler]:
+        """Run `fn(ctx)` every `seconds` while the plugin runs (errors are logged, the loop goes on).
+
+        `seconds` may name a key of the plugin's config (`plugin.toml` [config], host overrides).
+        """
 
         def register(fn: TaskHandler) -> TaskHandler:
             self._tasks_every.append((seconds, fn))
@@ -450,7 +453,8 @@ class _Running:
         # Requests are answered in tasks, so the framework's own error count misses handler failures.
         return {"instance": self.instance, **self.counts.get(endpoint.name, {})}
 
-    async def _every(self, seconds: float, fn: TaskHandler) -> None:
+    async def _every(self, every: float | str, fn: TaskHandler) -> None:
+        seconds = float(self.settings[every]) if isinstance(every, str) else every
         while True:
             try:
                 await _call(fn, self.context())
