@@ -29,6 +29,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import structlog
@@ -504,6 +505,25 @@ async def create_plugin_consumer(js: Any, manifest: Manifest, subjects: bus.Subj
     """What the agent does for each local plugin under generated authorization (plugins may not)."""
     if manifest.subscribes:
         await plugin_consumer(js, manifest, subjects, cfg, _no_handler).ensure()
+
+
+def sibling(file: str | Path, name: str) -> ModuleType:
+    """Import `name`.py from the folder of `file` (pass `__file__`), for plugins of several files.
+
+    A plugin is loaded by file path, not as a package, and a bare `import probes` would clash with
+    another plugin's probes.py: the sibling is imported by path under a name of its own.
+    """
+    folder = Path(file).resolve().parent
+    module_name = f"tuxpilot_plugin_{folder.name.replace('-', '_')}_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, folder / f"{name}.py")
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"{folder}: cannot import {name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def load_plugin(folder: Path) -> Plugin:

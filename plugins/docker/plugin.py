@@ -7,29 +7,14 @@ when a container turns unhealthy or keeps restarting.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from agent.models import Event, ProposedAction, Result
-from agent.sdk import ActionError, Context, Plugin
+from agent.sdk import ActionError, Context, Plugin, sibling
 
-
-def _sibling(name: str) -> Any:
-    # Loaded by file path, not as a package: load the sibling module the same way.
-    path = Path(__file__).with_name(f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"tuxpilot_docker_{name}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ops = _sibling("ops")
+ops = sibling(__file__, "ops")
 plugin = Plugin.here(__file__)
 
 

@@ -3,29 +3,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from agent.models import Event, ProposedAction, Result
-from agent.sdk import ActionError, Context, Plugin
+from agent.sdk import ActionError, Context, Plugin, sibling
 
-
-def _sibling(name: str) -> ModuleType:
-    # The plugin is loaded by file path, not as a package, and a bare `import probes` would clash with
-    # any other plugin's probes.py: import the sibling by path, under a name of its own.
-    spec = importlib.util.spec_from_file_location(f"tuxpilot_sysmon_{name}", Path(__file__).with_name(f"{name}.py"))
-    if spec is None or spec.loader is None:
-        raise ImportError(f"sysmon: cannot import {name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-probes = _sibling("probes")
+probes = sibling(__file__, "probes")
 plugin = Plugin.here(__file__)
 
 
