@@ -9,11 +9,55 @@ from typing import Any
 
 import jsonschema_rs
 
-from agent.errors import InvalidParams
+from agent.errors import BadRequest, InvalidParams, PayloadTooLarge
 from agent.resources import shipped
 
 SCHEMA_NAMES = ("event", "proposal", "result", "error", "manifest", "metrics")
 _MAX_REPORTED = 10
+# Deeper documents are refused before validation: no contract here nests anywhere near this.
+MAX_DEPTH = 64
+
+
+def parse(raw: bytes, *, what: str, limit: int) -> Any:
+    """Bytes from the wire to a JSON document, or BadRequest/PayloadTooLarge saying what is wrong.
+
+    Stricter than json.loads: the bytes must be UTF-8, strings (keys too) may not hold lone
+    surrogates (`"\\ud800"` parses, but can be neither validated nor sent on), and nesting is
+    capped at MAX_DEPTH, so nothing downstream meets a document it cannot handle.
+    """
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"{what} is {len(raw)} bytes; the limit is {limit}")
+    try:
+        doc = json.loads(raw.decode("utf-8-sig"))  # a leading BOM is allowed, as json.loads allows it
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"{what} is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"{what} is not valid JSON: {str(exc)[:200]}") from None
+    _check_shape(doc, what)
+    return doc
+
+
+def _check_shape(doc: Any, what: str) -> None:
+    stack: list[tuple[Any, int]] = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise BadRequest(f"{what} nests deeper than {MAX_DEPTH} levels")
+        if isinstance(node, str):
+            _check_text(node, what)
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                _check_text(key, what)
+                stack.append((value, depth + 1))
+        elif isinstance(node, list):
+            stack.extend((item, depth + 1) for item in node)
+
+
+def _check_text(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"{what} holds a string that is not valid Unicode (a lone surrogate)") from None
 
 
 def schema_dir() -> Path:
@@ -43,7 +87,10 @@ class Validator:
         self._validator = jsonschema_rs.validator_for(schema, registry=_registry())
 
     def is_valid(self, doc: Any) -> bool:
-        return bool(self._validator.is_valid(doc))
+        try:
+            return bool(self._validator.is_valid(doc))
+        except ValueError:  # a document the validator cannot read at all is not valid
+            return False
 
     def errors(self, doc: Any) -> list[dict[str, str]]:
         found = []
@@ -55,9 +102,14 @@ class Validator:
         return found
 
     def check(self, doc: Any) -> None:
-        if self._validator.is_valid(doc):
+        if self.is_valid(doc):
             return
-        problems = self.errors(doc)
+        try:
+            problems = self.errors(doc)
+        except ValueError as exc:
+            problems = [{"path": "/", "message": f"unreadable: {str(exc)[:200]}"}]
+        if not problems:
+            problems = [{"path": "/", "message": "not valid"}]
         first = problems[0]
         raise InvalidParams(
             f"{self.what} is invalid at {first['path']}: {first['message']}",

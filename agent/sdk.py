@@ -39,7 +39,7 @@ from nats.micro import add_service
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 from nats.micro.service import EndpointStats, Service
 
-from agent import bus, registry, streams
+from agent import bus, registry, schemas, streams
 from agent.config import Config, StreamsConfig, load_config
 from agent.consumer import Durable, Handler, redelivery_delay
 from agent.errors import BadRequest, ConfigError, Forbidden, PayloadTooLarge, TuxPilotError, error_doc
@@ -108,14 +108,9 @@ async def _call(fn: Callable[..., Any], *args: Any) -> Any:
 
 def parse_params(raw: bytes, limit: int = MAX_PARAMS_BYTES) -> dict[str, Any]:
     """A request body as action params: empty means no params; anything else must be a JSON object."""
-    if len(raw) > limit:
-        raise PayloadTooLarge(f"params are {len(raw)} bytes; the limit is {limit}")
     if not raw.strip():
         return {}
-    try:
-        doc = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise BadRequest(f"params are not valid JSON: {exc}") from None
+    doc = schemas.parse(raw, what="params", limit=limit)
     if not isinstance(doc, dict):
         raise BadRequest(f"params must be a JSON object, not {type(doc).__name__}")
     return doc
@@ -374,7 +369,7 @@ class _Running:
             actions=actions,
         )
         await self.nc.jetstream().publish(
-            self.subjects.proposal(event.host), proposal.to_json(), headers={"Nats-Msg-Id": proposal.id}
+            self.subjects.proposal(), proposal.to_json(), headers={"Nats-Msg-Id": proposal.id}
         )
         ctx.log.info("plugin.proposed", actions=[a.action for a in actions], proposal_id=proposal.id)
         return proposal
