@@ -1,0 +1,90 @@
+"""The bench: percentiles, the in-flight window, and a small real run whose JSON carries every figure.
+
+No timing is asserted: figures depend on the machine. What is asserted is that every event got exactly
+one result, each action was executed, and nothing the report promises is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from agent.bench import Tracker, percentile
+from agent.cli import app
+from agent.manifest import builtin_dir
+from agent.manifest import load as load_manifest
+
+RUN_KEYS = ("events", "results", "throughput_eps", "p50_ms", "p90_ms", "p99_ms", "max_ms")
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile(values, 100) == 100.0
+    assert percentile([7.0], 50) == 7.0
+    assert percentile([], 50) is None
+
+
+async def test_tracker_keeps_the_window_and_counts_each_event_once() -> None:
+    tracker = Tracker(events=10, in_flight=3, offset=100)
+    outstanding: list[int] = []
+    widest = 0
+
+    async def send(seq: int) -> None:
+        nonlocal widest
+        outstanding.append(seq)
+        widest = max(widest, len(outstanding))
+        asyncio.get_running_loop().call_soon(answer)
+
+    def answer() -> None:
+        seq = outstanding.pop(0)
+        tracker.result(seq, ok=seq != 105)
+        tracker.result(seq, ok=True)  # a second result for the same event
+        tracker.result(7, ok=True)  # an event of no run of ours
+
+    figures = await tracker.run(send)
+    assert widest <= 3
+    assert (figures.results, figures.ok, figures.duplicates) == (10, 9, 10)
+    assert tracker.strays == 10
+    assert len(figures.latencies_ms) == 10
+
+
+def test_noop_plugin_manifest() -> None:
+    manifest = load_manifest(builtin_dir() / "noop")
+    assert manifest.category == "development" and manifest.runtime == "python"
+    assert [p.value for p in manifest.permissions] == ["filesystem_read"]
+    assert manifest.subscribes == ["bench.*"]
+    echo = manifest.actions["echo"]
+    assert echo.permission is not None and echo.permission.value == "filesystem_read"
+    manifest.params_validator("echo").check({"seq": 3, "value": 3.0})
+
+
+@pytest.mark.slow
+def test_small_bench_gives_one_result_per_event_and_every_figure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "tuxpilot.toml"
+    config.write_text("")  # the defaults, whatever the machine's own config says
+    monkeypatch.setenv("TUXPILOT_CONFIG", str(config))
+    monkeypatch.delenv("TUXPILOT_NATS_URL", raising=False)
+    outcome = CliRunner().invoke(app, ["bench", "--events", "200", "--in-flight", "16", "--warmup", "20", "--json"])
+
+    assert outcome.exit_code == 0, outcome.output
+    doc = json.loads(outcome.stdout)
+    for run in ("floor", "durable_floor", "pipeline"):
+        figures = doc[run]
+        assert all(figures[key] is not None for key in RUN_KEYS), figures
+        assert figures["events"] == figures["results"] == figures["ok"] == 200
+        assert figures["duplicates"] == 0
+        assert figures["p50_ms"] <= figures["p90_ms"] <= figures["p99_ms"] <= figures["max_ms"]
+        assert figures["cpu_us_per_event"]["bench"] > 0
+    assert set(doc["pipeline"]["cpu_us_per_event"]) == {"bench", "plugin", "server"}
+    assert all(value > 0 for value in doc["ratio"].values()), doc["ratio"]
+    agent = doc["agent"]
+    assert agent["ready_s"] > 0 and agent["rss_mb"] >= agent["uss_mb"] > 0
+    assert agent["idle_cpu_pct"] is None  # only with --idle
