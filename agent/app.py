@@ -135,7 +135,7 @@ class Agent:
             )
             await self.monitor.start()
         if plugins:
-            self.host = PluginHost(cfg, self.url, plugins)
+            self.host = PluginHost(cfg, self.url, plugins, report=self._publish_event)
             self.host.credentials = credentials
             await self.host.start()
         self._config_watch = asyncio.create_task(self._watch_config(), name="config-watch")

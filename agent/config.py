@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from agent.errors import ConfigError
-from agent.manifest import DANGEROUS, Manifest, Permission
+from agent.manifest import DANGEROUS, Limits, Manifest, Permission
 
 ENV_PREFIX = "TUXPILOT_"
 SYSTEM_CONFIG = Path("/etc/tuxpilot/tuxpilot.toml")
@@ -158,11 +158,50 @@ class PluginSettings(Section):
         None, description="Granted permissions; unset: the manifest's non-dangerous ones."
     )
     config: dict[str, Any] = Field(default_factory=dict)
+    user: str | None = Field(None, description="Run this plugin as this user instead of confinement.user.")
+    groups: list[str] = Field(
+        default_factory=list, description='Supplementary groups of the plugin process, e.g. ["docker"].'
+    )
 
     def granted(self, manifest: Manifest) -> frozenset[Permission]:
         if self.permissions is not None:
             return frozenset(self.permissions)
         return frozenset(p for p in manifest.permissions if p not in DANGEROUS)
+
+
+class ConfinementConfig(Section):
+    """How local plugin processes are confined: the user they run as, their rlimits."""
+
+    user: str = Field(
+        "tuxpilot-plugin",
+        description="Unprivileged user plugins run as when the agent runs as root; created when missing.",
+    )
+    strict: bool = Field(
+        False,
+        description="Refuse to start a plugin that cannot run as `user`; false: run it as root, with a warning.",
+    )
+    default_limits: Limits = Field(
+        Limits(memory_mb=2048, open_files=1024),
+        description="rlimits of a plugin whose manifest sets none: memory_mb is address space (RLIMIT_AS).",
+    )
+    max_limits: Limits = Field(
+        Limits(memory_mb=8192, open_files=65536, processes=4096),
+        description="The most a manifest may ask for; more is cut down to this. Unset: no cap.",
+    )
+
+
+class SupervisionConfig(Section):
+    """How the plugin host restarts plugin processes and when it calls a crash loop."""
+
+    backoff_start_s: Seconds = 0.5
+    backoff_max_s: Seconds = 60.0
+    healthy_after_s: Seconds = Field(
+        30.0, description="A plugin up this long is healthy again: its backoff starts over, a crash loop is over."
+    )
+    crash_loop_restarts: Annotated[int, Field(ge=1)] = Field(
+        5, description="This many exits within crash_loop_window_s is a crash loop (a plugin.crash_loop event)."
+    )
+    crash_loop_window_s: Seconds = 60.0
 
 
 class LogConfig(Section):
@@ -182,6 +221,8 @@ class Config(Section):
     plugin_dirs: list[Path] = Field(default_factory=list, description="Folders searched for plugins.")
     run_plugins: list[str] = Field(["sysmon"], description="Local plugins `tuxpilot up` starts and supervises.")
     plugins: dict[str, PluginSettings] = Field(default_factory=dict)
+    confinement: ConfinementConfig = ConfinementConfig()
+    supervision: SupervisionConfig = SupervisionConfig()
     log: LogConfig = LogConfig()
     _source: Path | None = PrivateAttr(default=None)
 
@@ -216,6 +257,21 @@ def _env_overrides(model: type[BaseModel], environ: dict[str, str], path: tuple[
                 pass
         origin = getattr(annotation, "__origin__", None)
         found[name] = [p.strip() for p in raw.split(",") if p.strip()] if origin is list else raw
+    return found
+
+
+def environment_of(section: BaseModel, *path: str) -> dict[str, str]:
+    """The `TUXPILOT_*` variables that set `section` (found at `path` in the tree) as it is: the reverse
+    of reading them. Unset (None) keys are left out."""
+    found: dict[str, str] = {}
+    for name in type(section).model_fields:
+        value = getattr(section, name)
+        key = (*path, name)
+        if isinstance(value, BaseModel):
+            found.update(environment_of(value, *key))
+        elif value is not None:
+            text = str(value) if isinstance(value, str | Path) else json.dumps(value, default=str)
+            found[ENV_PREFIX + "_".join(key).upper()] = text
     return found
 
 

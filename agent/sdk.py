@@ -39,7 +39,7 @@ from nats.micro import add_service
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 from nats.micro.service import EndpointStats, Service
 
-from agent import bus, registry, schemas, streams
+from agent import bus, command, registry, schemas, streams
 from agent.config import Config, StreamsConfig, load_config
 from agent.consumer import Durable, Handler, redelivery_delay
 from agent.errors import BadRequest, ConfigError, Forbidden, PayloadTooLarge, TuxPilotError, error_doc
@@ -94,6 +94,20 @@ class Context:
     async def emit(self, event_type: str, **fields: Any) -> Event:
         """Publish an event of a category the manifest declares in `emits`."""
         return await self.plugin.emit(event_type, **fields)
+
+    async def run_command(
+        self,
+        argv: list[str],
+        *,
+        timeout_s: float = command.TIMEOUT_S,
+        max_output: int = command.MAX_OUTPUT,
+        cwd: str | Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> command.CommandResult:
+        """Run a program the manifest lists in `commands`: an argv list, never a shell string; only in an
+        action whose permission is system_access. Killed (with its children) after `timeout_s`; each of
+        stdout and stderr keeps `max_output` bytes. See agent/command.py."""
+        return await command.run_for(self, argv, timeout_s=timeout_s, max_output=max_output, cwd=cwd, env=env)
 
 
 def _matches(pattern: str, event_type: str) -> bool:
