@@ -385,7 +385,7 @@ class _Running:
         await self.nc.jetstream().publish(
             self.subjects.proposal(), proposal.to_json(), headers={"Nats-Msg-Id": proposal.id}
         )
-        ctx.log.info("plugin.proposed", actions=[a.action for a in actions], proposal_id=proposal.id)
+        ctx.log.debug("plugin.proposed", actions=[a.action for a in actions], proposal_id=proposal.id)
         return proposal
 
     # -- actions ---------------------------------------------------------------------------------
