@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -24,6 +26,15 @@ def need(component: str, available: bool, reason: str) -> None:
     if IN_CI:
         pytest.fail(f"{component} is required in CI: {reason}")
     pytest.skip(f"{component} not available: {reason}")
+
+
+async def until(predicate: Any, limit: float, what: str) -> None:
+    """Wait until `predicate()` holds; fail naming `what` after `limit` seconds."""
+    deadline = asyncio.get_running_loop().time() + limit
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
 
 
 @pytest.fixture

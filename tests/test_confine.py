@@ -32,7 +32,7 @@ from agent.manifest import Limits
 from agent.manifest import load as load_manifest
 from agent.models import Event
 from agent.server import NatsServer
-from tests.conftest import need, tuxpilot_exe
+from tests.conftest import need, tuxpilot_exe, until
 
 TEST_PLUGINS = Path(__file__).resolve().parent / "plugins"
 HOST = "test-host"
@@ -42,14 +42,6 @@ PLUGIN_USER = "tuxpilot-plugin"
 
 def need_root() -> None:
     need("root", IS_ROOT, "running plugins as another user needs the agent to run as root")
-
-
-async def until(predicate: Any, limit: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + limit
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture

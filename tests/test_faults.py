@@ -27,6 +27,7 @@ from agent.models import Event, ProposedAction
 from agent.registry import Registry
 from agent.sdk import Context, Plugin
 from agent.server import NatsServer
+from tests.conftest import until
 
 pytestmark = pytest.mark.slow
 
@@ -68,14 +69,6 @@ def counting_plugin(name: str = "counter", delay: float = 0.0) -> tuple[Plugin, 
         return {"seq": params["seq"]}
 
     return plugin, ran
-
-
-async def until(predicate: Any, limit: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + limit
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def publish_until_stored(nc: Client, subjects: bus.Subjects, event: Event) -> int:
