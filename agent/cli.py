@@ -263,11 +263,12 @@ def status(
     for c in state["consumers"]:
         table.add_row(c["name"], c["stream"], str(c["pending"]), str(c["ack_pending"]), str(c["redelivered"]))
     out.print(table)
-    table = Table("plugin (host.name)", "version", "running instances")
+    table = Table("plugin (host.name)", "version", "running instances", "running as")
     for key, version in sorted(state["registered"].items()):
         host, name = key.split(".", 1)
-        count = sum(1 for r in state["running"] if r["plugin"] == name and r["host"] == host)
-        table.add_row(key, str(version), str(count))
+        instances = [r for r in state["running"] if r["plugin"] == name and r["host"] == host]
+        users = sorted({str(r.get("user") or "?") for r in instances})
+        table.add_row(key, str(version), str(len(instances)), ", ".join(users))
     out.print(table)
 
 

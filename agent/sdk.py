@@ -22,6 +22,8 @@ import fnmatch
 import importlib.util
 import inspect
 import json
+import os
+import pwd
 import signal
 import sys
 import time
@@ -108,6 +110,13 @@ class Context:
         action whose permission is system_access. Killed (with its children) after `timeout_s`; each of
         stdout and stderr keeps `max_output` bytes. See agent/command.py."""
         return await command.run_for(self, argv, timeout_s=timeout_s, max_output=max_output, cwd=cwd, env=env)
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
 
 
 def _matches(pattern: str, event_type: str) -> bool:
@@ -302,7 +311,14 @@ class _Running:
             name=p.name,
             version=p.manifest.version,
             description=p.manifest.description[:256],
-            metadata={"tuxpilot": "plugin", "host": self.subjects.host, "api_version": p.manifest.api_version},
+            metadata={
+                "tuxpilot": "plugin",
+                "host": self.subjects.host,
+                "api_version": p.manifest.api_version,
+                # Who this instance really runs as, for `tuxpilot status` (root under a root agent: unconfined).
+                "user": _user_name(),
+                "pid": str(os.getpid()),
+            },
             queue_group=p.name,
             stats_handler=self._stats,
         )

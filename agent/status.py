@@ -50,7 +50,14 @@ async def snapshot(nc: Client, subjects: Subjects) -> dict[str, Any]:
     except Exception:  # an empty bucket has no keys and says so by raising
         pass
     running = [
-        {"plugin": p["name"], "host": p.get("metadata", {}).get("host"), "id": p["id"], "version": p["version"]}
+        {
+            "plugin": p["name"],
+            "host": (p.get("metadata") or {}).get("host"),
+            "id": p["id"],
+            "version": p["version"],
+            "user": (p.get("metadata") or {}).get("user"),
+            "pid": (p.get("metadata") or {}).get("pid"),
+        }
         for p in await live_instances(nc)
     ]
     return {

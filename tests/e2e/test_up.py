@@ -120,6 +120,13 @@ def test_cli_finds_the_local_server_and_calls_actions(up: Up) -> None:
     sysmon = next(p for p in json.loads(listed.stdout) if p["name"] == "sysmon")
     assert sysmon["running"] == 1
 
+    # `status` says who each running instance really is, as the process itself reports it.
+    state = up.cli("status", "--json")
+    assert state.returncode == 0, state.stderr
+    (instance,) = [r for r in json.loads(state.stdout)["running"] if r["plugin"] == "sysmon"]
+    assert instance["host"] == "up-host"
+    assert instance["user"] == psutil.Process(int(instance["pid"])).username()
+
     up.proc.send_signal(signal.SIGTERM)
     up.proc.wait(timeout=30)
     assert up.proc.stdout is not None
