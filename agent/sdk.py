@@ -37,6 +37,7 @@ from typing import Any
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from nats.micro import add_service
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 from nats.micro.service import EndpointStats, Service
@@ -374,10 +375,16 @@ class _Running:
             return
         try:
             await self.handle_event(event)
-        except Exception:
+        except Exception as exc:
             delay = redelivery_delay(self.config.streams.backoff_s, msg.metadata.num_delivered)
-            self.log.exception("plugin.event_failed", event_id=event.id, type=event.type, retry_in_s=delay)
-            await msg.nak(delay=delay)
+            if isinstance(exc, NatsError):
+                # The bus, not the handler: expected while the server restarts; one line, no traceback.
+                self.log.warning("plugin.event_deferred", event_id=event.id, type=event.type, retry_in_s=delay,
+                                 error=f"{type(exc).__name__}: {exc}"[:300])
+            else:
+                self.log.exception("plugin.event_failed", event_id=event.id, type=event.type, retry_in_s=delay)
+            with contextlib.suppress(NatsError):  # unacked, it comes back after ack_wait anyway
+                await msg.nak(delay=delay)
             return
         await msg.ack()
 
