@@ -178,15 +178,6 @@ async def run_command(
     return result
 
 
-def _action_of(ctx: Context) -> str | None:
-    # The SDK binds the running action's name to the handler's logger (ctx.log), and only there.
-    try:
-        action = structlog.get_context(ctx.log).get("action")
-    except AttributeError:  # a Context built by hand with another kind of logger
-        return None
-    return action if isinstance(action, str) else None
-
-
 def check_system_access(ctx: Context) -> None:
     """`run_command` is for an action whose declared permission is system_access, and nothing else.
 
@@ -194,7 +185,7 @@ def check_system_access(ctx: Context) -> None:
     task has no such grant to stand on.
     """
     manifest = ctx.plugin.manifest
-    action = _action_of(ctx) if ctx.action_id is not None else None
+    action = ctx.action
     if action is None:
         raise Forbidden(f"{manifest.name}: run_command works only inside an action handler")
     spec = manifest.actions.get(action)

@@ -76,6 +76,7 @@ class Context:
     config: dict[str, Any]
     event: Event | None = None
     action_id: str | None = None
+    action: str | None = None  # the action being run, in an action handler
 
     def propose(
         self,
@@ -293,13 +294,15 @@ class _Running:
         default_factory=OrderedDict
     )
 
-    def context(self, event: Event | None = None, action_id: str | None = None, **bind: Any) -> Context:
-        log = self.log.bind(**bind)
+    def context(self, event: Event | None = None, action_id: str | None = None, action: str | None = None) -> Context:
+        log = self.log
         if event is not None:
             log = log.bind(event_id=event.id)
+        if action is not None:
+            log = log.bind(action=action)
         if action_id is not None:
             log = log.bind(action_id=action_id)
-        return Context(self.plugin, self.subjects.host, log, self.settings, event, action_id)
+        return Context(self.plugin, self.subjects.host, log, self.settings, event, action_id, action)
 
     async def start(self) -> None:
         p = self.plugin

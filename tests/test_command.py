@@ -85,10 +85,10 @@ async def test_run_command_outside_a_system_access_action_is_refused() -> None:
     in_a_task = Context(plugin, "test-host", log.bind(), {})
     with pytest.raises(Forbidden, match="only inside an action handler"):
         await in_a_task.run_command(["echo", "hi"])
-    in_peek = Context(plugin, "test-host", log.bind(action="peek"), {}, action_id="a1")
+    in_peek = Context(plugin, "test-host", log.bind(action="peek"), {}, action_id="a1", action="peek")
     with pytest.raises(Forbidden, match="its declared permission is filesystem_read, not system_access"):
         await in_peek.run_command(["echo", "hi"])
-    in_echo = Context(plugin, "test-host", log.bind(action="echo"), {}, action_id="a2")
+    in_echo = Context(plugin, "test-host", log.bind(action="echo"), {}, action_id="a2", action="echo")
     assert (await in_echo.run_command(["echo", "hi"])).stdout == "hi\n"
 
 
