@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import nats
 import pytest
 from nats.aio.client import Client
@@ -78,6 +79,24 @@ def test_credential_files_are_private_and_the_server_config_holds_no_password(
         password = json.loads(path.read_text())["password"]
         assert password not in (tmp_path / "nats" / "nats-server.conf").read_text()
     assert stat.S_IMODE((secured.state / "credentials").stat().st_mode) == 0o700
+
+
+def test_passwords_survive_a_restart_and_hashes_follow_the_configured_cost(tmp_path: Path) -> None:
+    users = auth.users_for(bus.Subjects("tuxpilot", HOST), {})
+    first = auth.provision(tmp_path, users)
+    passwords = {u.name: u.password for u in users}
+    assert all(h.startswith(f"$2b${auth.BCRYPT_ROUNDS:02d}$") for h in first.values())
+    # A state dir from a version that hashed at cost 11: same passwords, hashes redone at today's cost.
+    store = tmp_path / auth.CREDENTIALS_DIR / auth.AUTH_FILE
+    known = json.loads(store.read_text())
+    for entry in known.values():
+        entry["hash"] = bcrypt.hashpw(entry["password"].encode(), bcrypt.gensalt(11)).decode()
+    store.write_text(json.dumps(known))
+    again = auth.provision(tmp_path, users)
+    assert {u.name: u.password for u in users} == passwords
+    for user in users:
+        assert again[user.name].startswith(f"$2b${auth.BCRYPT_ROUNDS:02d}$")
+        assert bcrypt.checkpw(passwords[user.name].encode(), again[user.name].encode())
 
 
 async def test_anonymous_and_wrong_password_are_refused(secured: Secured) -> None:
