@@ -580,7 +580,7 @@ def measure_agent(state_dir: Path, idle_s: float | None = None) -> AgentFigures:
 
 def _label(p: psutil.Process) -> str:
     cmd = p.cmdline()
-    if cmd[-3:-1] == ["plugin", "run"]:
+    if cmd[-2:-1] == ["agent.plugin_process"] or cmd[-3:-1] == ["plugin", "run"]:
         return f"plugin {Path(cmd[-1]).name}"
     return Path(cmd[0]).name if cmd else p.name()
 

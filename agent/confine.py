@@ -35,7 +35,7 @@ PROBE_TIMEOUT_S = 30.0
 # Where useradd lives; the agent's own PATH may not name sbin.
 SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin:/usr/local/bin:/usr/bin:/bin"
 # What the probe imports: the module a Python plugin process starts with.
-PROBE_IMPORT = "import agent.cli"
+PROBE_IMPORT = "import agent.plugin_process"
 
 # A manifest limit, the rlimit it becomes, and the factor to the kernel's unit.
 RLIMITS: dict[str, tuple[int, int]] = {

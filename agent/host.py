@@ -53,7 +53,7 @@ def backoff(previous: float, start: float = 0.5, limit: float = 60.0) -> float:
 
 def plugin_command(folder: Path, manifest: Manifest) -> list[str]:
     if manifest.runtime == "python":
-        return [sys.executable, "-m", "agent.cli", "plugin", "run", str(folder)]
+        return [sys.executable, "-m", "agent.plugin_process", str(folder)]
     if manifest.runtime == "javascript":
         return ["node", str(folder / manifest.entry_point)]
     return [str(folder / manifest.entry_point)]
