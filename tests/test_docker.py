@@ -6,9 +6,11 @@ unix:///tmp/tp-docker.sock with a local busybox image, since no registry is reac
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -240,3 +242,34 @@ async def test_an_unhealthy_container_becomes_an_event(
         assert event.data["reason"] == "health check failing"
     finally:
         await plugin.stop()
+
+
+ENGINE_SCRIPT = Path(__file__).resolve().parent.parent / ".ci" / "docker-engine.sh"
+
+
+def _restartable() -> bool:
+    return os.environ.get("DOCKER_HOST") == "unix:///tmp/tp-docker.sock" and Path("/tmp/tp-docker.pid").exists()
+
+
+def _engine_script(command: str) -> None:
+    subprocess.run(["bash", str(ENGINE_SCRIPT), command], check=True, capture_output=True, timeout=120)
+
+
+async def test_the_plugin_answers_engine_down_and_survives_the_engine_restarting(
+    nc: Client, docker_plugin: Plugin, engine: Any
+) -> None:
+    # Last in this file: it stops the engine the other tests use, and starts it again.
+    need("restartable Docker engine", _restartable(), "only the engine .ci/docker-engine.sh started is ours to stop")
+    listed, _ = await ask(nc, "list_containers")
+    assert listed["status"] == "ok"
+    try:
+        await asyncio.to_thread(_engine_script, "stop")
+        down, headers = await ask(nc, "list_containers")
+        schemas.validator("error").check(down)
+        assert down["code"] == "unavailable" and "not reachable" in down["message"]
+        assert headers["Nats-Service-Error-Code"] == "503"
+    finally:
+        await asyncio.to_thread(_engine_script, "start")
+    # The same plugin process, no restart: its next call reaches the new engine.
+    back, _ = await ask(nc, "list_containers")
+    assert back["status"] == "ok", back
