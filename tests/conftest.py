@@ -63,9 +63,25 @@ def config(tmp_path: Path, nats_server: NatsServer) -> Config:
     )
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory: pytest.TempPathFactory, repo_root: Path) -> Path:
+    """The project built as a wheel, once per run, for the tests that install it into a fresh venv."""
+    import subprocess
+    import sys
+
+    dist = tmp_path_factory.mktemp("dist")
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--outdir", str(dist), str(repo_root)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return next(dist.glob("tuxpilot-*.whl"))
 
 
 def tuxpilot_exe() -> str:
