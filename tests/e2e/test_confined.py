@@ -8,6 +8,7 @@ folder every user may pass through.
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import shutil
@@ -15,13 +16,14 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.conftest import need
+from tests.test_docker import _engine
 
 pytestmark = pytest.mark.slow
 
@@ -70,57 +72,120 @@ def installed(wheel: Path) -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_up_as_root_runs_the_plugin_as_the_plugin_user_end_to_end(installed: Path) -> None:
-    state = open_dir("tuxpilot-confined-state-")
-    config = state / "tuxpilot.toml"
-    config.write_text(f'host_id = "{HOST}"\nstate_dir = "{state}"\n[monitor]\nenabled = false\n')
-    config.chmod(0o600)  # the agent's: a plugin never reads it
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TUXPILOT_")}
-    env["TUXPILOT_CONFIG"] = str(config)
-    exe = str(installed / "tuxpilot")
+class Up:
+    """`tuxpilot up` from the confined install, as root, on a state folder every user may pass through."""
 
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([exe, *args], capture_output=True, text=True, env=env, cwd=state, timeout=60, check=False)
+    def __init__(self, bin_dir: Path, config: str):
+        self.exe = str(bin_dir / "tuxpilot")
+        self.state = open_dir("tuxpilot-confined-state-")
+        self.config = self.state / "tuxpilot.toml"
+        top = f'host_id = "{HOST}"\nstate_dir = "{self.state}"\n'
+        self.config.write_text(f"{top}{config}\n[monitor]\nenabled = false\n")  # `config` may open tables
+        self.config.chmod(0o600)  # the agent's: a plugin never reads it
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TUXPILOT_")}
+        self.env["TUXPILOT_CONFIG"] = str(self.config)
+        self.proc: subprocess.Popen[str] | None = None
 
-    up = subprocess.Popen([exe, "up"], env=env, cwd=state, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert up.stdout is not None
-        assert "up on nats://" in up.stdout.readline()
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [self.exe, *args], capture_output=True, text=True, env=self.env, cwd=self.state, timeout=60, check=False
+        )
 
-        # Who the sysmon instance is, as it reports itself and as the kernel sees it.
-        deadline, instance = time.monotonic() + 60, None
-        while instance is None and time.monotonic() < deadline:
-            state_now = cli("status", "--json")
-            if state_now.returncode == 0:
-                running = [r for r in json.loads(state_now.stdout)["running"] if r["plugin"] == "sysmon"]
-                instance = running[0] if running else None
-            if instance is None:
-                time.sleep(0.3)
-        assert instance is not None, "sysmon never came up confined"
-        assert instance["user"] == PLUGIN_USER
-        process = psutil.Process(int(instance["pid"]))
-        assert process.username() == PLUGIN_USER
-        assert process.uids().real == process.uids().effective != 0
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.exe, "up"], env=self.env, cwd=self.state, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout is not None
+        first = self.proc.stdout.readline()
+        if "up on nats://" not in first:
+            self.proc.kill()
+            raise AssertionError(f"up did not start: {first!r} {self.proc.communicate()[1][-3000:]}")
 
-        # It works under that user: its own credentials, the bus, an action over the gate's subjects.
-        called = cli("call", HOST, "sysmon", "top_processes", '{"n": 3}')
-        assert called.returncode == 0, called.stderr
-        assert len(json.loads(called.stdout)["data"]["processes"]) == 3
+    def instance(self, plugin: str) -> dict[str, str]:
+        """The plugin's running instance, as `tuxpilot status` reports it."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            shown = self.cli("status", "--json")
+            if shown.returncode == 0:
+                running = [r for r in json.loads(shown.stdout)["running"] if r["plugin"] == plugin]
+                if running:
+                    return dict(running[0])
+            time.sleep(0.3)
+        raise AssertionError(f"{plugin} never came up")
 
-        # What it may not do as that user: read the agent's credentials or the host config.
-        creds = state / "credentials"
-        agent_file = next(p for p in creds.glob("*.json") if "agent" in p.name)
-        for secret in (agent_file, config):
-            probe = subprocess.run(
-                ["/bin/cat", str(secret)], user=PLUGIN_USER, capture_output=True, timeout=30, check=False
-            )
-            assert probe.returncode != 0 and b"Permission denied" in probe.stderr
-    finally:
-        up.send_signal(signal.SIGTERM)
+    def stop(self) -> str:
+        """Stop `up`; its log."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
         try:
-            _, err = up.communicate(timeout=30)
+            _, err = self.proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
-            up.kill()
-            _, err = up.communicate()
-        shutil.rmtree(state, ignore_errors=True)
-    assert "plugin.unconfined" not in err, err[-2000:]
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return err
+
+
+@pytest.fixture
+def up(installed: Path) -> Iterator[Callable[[str], Up]]:
+    made: list[Up] = []
+
+    def make(config: str = "") -> Up:
+        made.append(Up(installed, config))
+        return made[-1]
+
+    yield make
+    for host in made:
+        if host.proc is not None and host.proc.poll() is None:
+            host.stop()
+        shutil.rmtree(host.state, ignore_errors=True)
+
+
+def test_up_as_root_runs_the_plugin_as_the_plugin_user_end_to_end(up: Callable[[str], Up]) -> None:
+    host = up("")
+    host.start()
+    # Who the sysmon instance is, as it reports itself and as the kernel sees it.
+    instance = host.instance("sysmon")
+    assert instance["user"] == PLUGIN_USER
+    process = psutil.Process(int(instance["pid"]))
+    assert process.username() == PLUGIN_USER
+    assert process.uids().real == process.uids().effective != 0
+
+    # It works under that user: its own credentials, the bus, an action over the gate's subjects.
+    called = host.cli("call", HOST, "sysmon", "top_processes", '{"n": 3}')
+    assert called.returncode == 0, called.stderr
+    assert len(json.loads(called.stdout)["data"]["processes"]) == 3
+
+    # What it may not do as that user: read the agent's credentials or the host config.
+    agent_file = next(p for p in (host.state / "credentials").glob("*.json") if "agent" in p.name)
+    for secret in (agent_file, host.config):
+        probe = subprocess.run(
+            ["/bin/cat", str(secret)], user=PLUGIN_USER, capture_output=True, timeout=30, check=False
+        )
+        assert probe.returncode != 0 and b"Permission denied" in probe.stderr
+    log = host.stop()
+    assert "plugin.unconfined" not in log, log[-2000:]
+
+
+def test_confined_docker_plugin_needs_the_docker_group_for_the_engine_socket(up: Callable[[str], Up]) -> None:
+    _engine()  # a real engine, or skip (fail in CI)
+    socket = Path(os.environ["DOCKER_HOST"].removeprefix("unix://"))
+    need("engine socket of the docker group", grp.getgrgid(socket.stat().st_gid).gr_name == "docker",
+         f"{socket} does not belong to the docker group")
+
+    # Without the group: the socket is root:docker 0660, and the plugin's user is neither.
+    host = up('run_plugins = ["docker"]\n')
+    host.start()
+    assert host.instance("docker")["user"] == PLUGIN_USER
+    denied = host.cli("call", HOST, "docker", "list_containers")
+    assert denied.returncode == 1
+    error = json.loads(denied.stdout)
+    assert error["code"] == "forbidden" and "permission denied" in error["message"].lower(), error
+    host.stop()
+
+    # The operator names the group for this plugin: the same plugin reaches the engine.
+    host = up('run_plugins = ["docker"]\n[plugins.docker]\ngroups = ["docker"]\n')
+    host.start()
+    assert host.instance("docker")["user"] == PLUGIN_USER
+    listed = host.cli("call", HOST, "docker", "list_containers")
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert json.loads(listed.stdout)["status"] == "ok"
