@@ -22,6 +22,12 @@ CLIENT_TIMEOUT_S = 30
 RESTART_LOOP = 3
 
 
+# What an operator does about it: a confined plugin's user has only the groups the host config names.
+SOCKET_HINT = (
+    "; the plugin's user needs the socket's group, e.g. `groups = [\"docker\"]` under [plugins.docker] "
+    "in the host config"
+)
+
 class DockerOpError(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
@@ -42,13 +48,13 @@ def _translate(exc: Exception) -> DockerOpError:
             return DockerOpError("forbidden", _explain(exc))
         return DockerOpError("internal", _explain(exc))
     if isinstance(exc, PermissionError) or "Permission denied" in str(exc):
-        return DockerOpError("forbidden", f"permission denied on the Docker socket: {exc}")
+        return DockerOpError("forbidden", f"permission denied on the Docker socket: {exc}{SOCKET_HINT}")
     if isinstance(exc, requests.exceptions.ConnectionError | ConnectionError | FileNotFoundError):
         return DockerOpError("unavailable", f"the Docker engine is not reachable: {exc}")
     if isinstance(exc, docker.errors.DockerException):
         text = str(exc)
         if "Permission denied" in text:
-            return DockerOpError("forbidden", f"permission denied on the Docker socket: {text}")
+            return DockerOpError("forbidden", f"permission denied on the Docker socket: {text}{SOCKET_HINT}")
         if "Connection" in text or "No such file" in text:
             return DockerOpError("unavailable", f"the Docker engine is not reachable: {text}")
         return DockerOpError("internal", text)

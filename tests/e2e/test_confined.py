@@ -180,6 +180,7 @@ def test_confined_docker_plugin_needs_the_docker_group_for_the_engine_socket(up:
     assert denied.returncode == 1
     error = json.loads(denied.stdout)
     assert error["code"] == "forbidden" and "permission denied" in error["message"].lower(), error
+    assert "[plugins.docker]" in error["message"]  # and what to do about it
     host.stop()
 
     # The operator names the group for this plugin: the same plugin reaches the engine.
