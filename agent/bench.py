@@ -47,7 +47,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 from agent import bus
 from agent.config import Config
 from agent.gate import Gate
-from agent.host import plugin_command
+from agent.host import PluginHost, plugin_command
 from agent.log import setup as setup_logging
 from agent.manifest import builtin_dir
 from agent.manifest import load as load_manifest
@@ -384,18 +384,10 @@ def pipeline_config(base: Config, url: str, state_dir: Path, prefix: str, in_fli
     )
 
 
-def plugin_env(config: Config) -> dict[str, str]:
-    """The plugin process's environment, as the plugin host gives it."""
-    return {
-        **os.environ,
-        "TUXPILOT_NATS_URL": config.nats.url or "",
-        "TUXPILOT_HOST_ID": config.host_id,
-        "TUXPILOT_STATE_DIR": str(config.state_dir),
-        "TUXPILOT_SUBJECT_PREFIX": config.subject_prefix,
-        "TUXPILOT_LOG_LEVEL": config.log.level,
-        "TUXPILOT_LOG_FORMAT": config.log.format,
-        "TUXPILOT_PLUGIN": BENCH_PLUGIN,
-    }
+def plugin_env(config: Config, folder: Path) -> dict[str, str]:
+    """The plugin process's environment, exactly as the agent's plugin host gives it."""
+    host = PluginHost(config, config.nats.url or "", {BENCH_PLUGIN: (folder, load_manifest(folder))})
+    return host.environment(host.plugins[BENCH_PLUGIN])
 
 
 async def _ended(proc: asyncio.subprocess.Process, grace_s: float = 10.0) -> None:
@@ -463,7 +455,7 @@ async def run_pipeline(base: Config, url: str, state_dir: Path, events: int, in_
     await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True)
     with (state_dir / f"{BENCH_PLUGIN}.log").open("wb") as plugin_log, _logs_to(state_dir / "gate.log", config):
         plugin = await asyncio.create_subprocess_exec(
-            *plugin_command(folder, load_manifest(folder)), env=plugin_env(config),
+            *plugin_command(folder, load_manifest(folder)), env=plugin_env(config, folder),
             stdin=subprocess.DEVNULL, stdout=plugin_log, stderr=plugin_log,
         )
         nc = await bus.connect(config.nats, url, name="tuxpilot-bench-agent")
