@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 
 import nats
-
-from agent.bus import Subjects
-from agent.config import StreamsConfig
-from agent.models import Event
-from agent.server import NatsServer
-from agent.streams import ensure_streams
+from tuxpilot.bus.server import NatsServer
+from tuxpilot.bus.streams import ensure_streams
+from tuxpilot.protocol.models import Event
+from tuxpilot.protocol.names import Subjects
+from tuxpilot.settings import StreamsConfig
 
 
 async def run(sync_interval: str, events: int, in_flight: int) -> dict[str, float]:

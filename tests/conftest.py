@@ -12,9 +12,8 @@ from typing import Any
 import nats
 import pytest
 from nats.aio.client import Client
-
-from agent.config import Config, load_config
-from agent.server import NatsServer
+from tuxpilot.agent.config import Config, load_config
+from tuxpilot.bus.server import NatsServer
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 

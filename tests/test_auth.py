@@ -17,17 +17,19 @@ import pytest
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
+from tuxpilot.agent.config import Config, load_config
+from tuxpilot.agent.gate import Gate
+from tuxpilot.agent.registry import Registry
+from tuxpilot.bus import auth
+from tuxpilot.bus import connect as bus
+from tuxpilot.bus.server import NatsServer
+from tuxpilot.bus.streams import create_plugin_consumer, ensure_streams
+from tuxpilot.protocol.manifest import Manifest, builtin_dir
+from tuxpilot.protocol.manifest import load as load_manifest
+from tuxpilot.protocol.models import Event
+from tuxpilot.protocol.names import Subjects
+from tuxpilot.settings import NatsConfig
 
-from agent import auth, bus
-from agent.config import Config, NatsConfig, load_config
-from agent.gate import Gate
-from agent.manifest import Manifest, builtin_dir
-from agent.manifest import load as load_manifest
-from agent.models import Event
-from agent.registry import Registry
-from agent.sdk import create_plugin_consumer
-from agent.server import NatsServer
-from agent.streams import ensure_streams
 from tests.conftest import tuxpilot_exe
 from tests.test_gate import DEMO, demo_plugin, proposal
 
@@ -59,7 +61,7 @@ class Secured:
 
 @pytest.fixture
 def secured(tmp_path: Path) -> Iterator[Secured]:
-    subjects = bus.Subjects("tuxpilot", HOST)
+    subjects = Subjects("tuxpilot", HOST)
     manifests = {"sysmon": load_manifest(builtin_dir() / "sysmon"), "demo": Manifest.from_doc(DEMO)}
     users = auth.users_for(subjects, manifests)
     state = tmp_path / "state"
@@ -82,7 +84,7 @@ def test_credential_files_are_private_and_the_server_config_holds_no_password(
 
 
 def test_passwords_survive_a_restart_and_hashes_follow_the_configured_cost(tmp_path: Path) -> None:
-    users = auth.users_for(bus.Subjects("tuxpilot", HOST), {})
+    users = auth.users_for(Subjects("tuxpilot", HOST), {})
     first = auth.provision(tmp_path, users)
     passwords = {u.name: u.password for u in users}
     assert all(h.startswith(f"$2b${auth.BCRYPT_ROUNDS:02d}$") for h in first.values())
@@ -183,9 +185,9 @@ async def test_a_plugin_runs_on_its_own_credentials_through_the_pipeline(secured
     agent_cfg = config.nats.model_copy(update={"user_file": secured.user_file("agent")})
     agent_nc = await bus.connect(agent_cfg, secured.server.url, name="agent")
     js = agent_nc.jetstream()
-    subjects = bus.Subjects.of(config)
+    subjects = Subjects.of(config)
     await ensure_streams(js, subjects, config.streams)
-    from agent.registry import open_bucket
+    from tuxpilot.bus.registry import open_bucket
 
     await open_bucket(js, subjects)
     sysmon_manifest = load_manifest(builtin_dir() / "sysmon")
@@ -195,7 +197,7 @@ async def test_a_plugin_runs_on_its_own_credentials_through_the_pipeline(secured
     gate = Gate(agent_nc, config, registry)
     await gate.start()
 
-    from agent.sdk import load_plugin
+    from tuxpilot.sdk.plugin import load_plugin
 
     plugin = load_plugin(builtin_dir() / "sysmon")
     plugin_nc = await bus.connect(
@@ -223,7 +225,7 @@ async def rig_with_file(nc: Client, config: Config, tmp_path: Path) -> AsyncIter
     config.gate.cooldown_s = 0
     plugin, _ = demo_plugin()
     await plugin.start(nc, config)
-    registry = Registry(nc, bus.Subjects.of(config))
+    registry = Registry(nc, Subjects.of(config))
     await registry.start()
     gate = Gate(nc, config, registry)
     await gate.start()

@@ -14,10 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from agent.bench import Tracker, percentile
-from agent.manifest import builtin_dir
-from agent.manifest import load as load_manifest
+from tuxpilot.bench import Tracker, percentile
+from tuxpilot.protocol.manifest import builtin_dir
+from tuxpilot.protocol.manifest import load as load_manifest
 
 RUN_KEYS = ("events", "results", "throughput_eps", "p50_ms", "p90_ms", "p99_ms", "max_ms")
 
@@ -74,7 +73,7 @@ def test_small_bench_gives_one_result_per_event_and_every_figure(tmp_path: Path)
 
     # In a process of its own, as a user runs it: the bench configures logging for its process.
     outcome = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "bench", "--events", "200", "--in-flight", "16", "--warmup", "20",
+        [sys.executable, "-m", "tuxpilot.cli", "bench", "--events", "200", "--in-flight", "16", "--warmup", "20",
          "--json"],
         env=env, capture_output=True, text=True, timeout=300, check=False,
     )

@@ -12,11 +12,10 @@ import psutil
 import pytest
 import structlog
 from nats.aio.client import Client
-
-from agent.command import locate, run_command
-from agent.config import Config
-from agent.errors import Forbidden, TuxPilotError
-from agent.sdk import Context, Plugin, load_plugin
+from tuxpilot.agent.config import Config
+from tuxpilot.protocol.errors import Forbidden, TuxPilotError
+from tuxpilot.sdk.command import locate, run_command
+from tuxpilot.sdk.plugin import Context, Plugin, load_plugin
 
 SHELL = Path(__file__).resolve().parent / "plugins" / "shell"
 METACHARACTERS = ["; touch {x}", "$(touch {x})", "`touch {x}`", "&& touch {x}", "| touch {x}", "> {x}", "*", "'\""]

@@ -22,16 +22,18 @@ from typing import Any
 import psutil
 import pytest
 from nats.aio.client import Client
+from tuxpilot.agent.app import Agent
+from tuxpilot.agent.config import Config, load_config
+from tuxpilot.bus import auth
+from tuxpilot.bus.server import NatsServer
+from tuxpilot.protocol.manifest import Limits
+from tuxpilot.protocol.manifest import load as load_manifest
+from tuxpilot.protocol.models import Event
+from tuxpilot.protocol.names import Subjects
+from tuxpilot.runtimes.confine import Account, effective_limits, find_account, may, probe_python, unreachable
+from tuxpilot.runtimes.host import PluginHost
+from tuxpilot.runtimes.settings import ConfinementConfig
 
-from agent import auth, bus
-from agent.app import Agent
-from agent.config import Config, ConfinementConfig, load_config
-from agent.confine import Account, effective_limits, find_account, may, probe_python, unreachable
-from agent.host import PluginHost
-from agent.manifest import Limits
-from agent.manifest import load as load_manifest
-from agent.models import Event
-from agent.server import NatsServer
 from tests.conftest import need, tuxpilot_exe, until
 
 TEST_PLUGINS = Path(__file__).resolve().parent / "plugins"
@@ -73,7 +75,7 @@ class Whoami:
     def __init__(self, state: Path, **env: str):
         self.config = host_config(state, **env)
         manifest = load_manifest(TEST_PLUGINS / "whoami")
-        users = auth.users_for(bus.Subjects.of(self.config), {"whoami": manifest})
+        users = auth.users_for(Subjects.of(self.config), {"whoami": manifest})
         auth.provision(self.config.state_dir, users)
         self.reported: list[Event] = []
         self.host = PluginHost(

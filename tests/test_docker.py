@@ -18,13 +18,16 @@ from typing import Any
 
 import pytest
 from nats.aio.client import Client
+from tuxpilot.agent.config import Config
+from tuxpilot.agent.gate import Gate
+from tuxpilot.agent.registry import Registry
+from tuxpilot.bus import connect as bus
+from tuxpilot.protocol import schemas
+from tuxpilot.protocol.models import Event
+from tuxpilot.protocol.names import Subjects
+from tuxpilot.runtimes.settings import PluginSettings
+from tuxpilot.sdk.plugin import Plugin, load_plugin
 
-from agent import bus, schemas
-from agent.config import Config, PluginSettings
-from agent.gate import Gate
-from agent.models import Event
-from agent.registry import Registry
-from agent.sdk import Plugin, load_plugin
 from tests.conftest import need
 
 FOLDER = Path(__file__).resolve().parent.parent / "plugins" / "docker"
@@ -198,14 +201,14 @@ async def test_disk_low_ends_in_a_dry_run_prune_until_granted(
 ) -> None:
     config.gate.cooldown_s = 0
     config.gate.cooldowns = {"docker.prune": 0}
-    registry = Registry(nc, bus.Subjects.of(config))
+    registry = Registry(nc, Subjects.of(config))
     await registry.start()
     gate = Gate(nc, config, registry)
     await gate.start()
     results = await nc.subscribe("tuxpilot.result.test-host.docker.prune")
     try:
         await bus.publish_event(
-            nc, bus.Subjects.of(config), Event.new("disk.low", "test-host", value=95.0, resource="/var")
+            nc, Subjects.of(config), Event.new("disk.low", "test-host", value=95.0, resource="/var")
         )
         dry = json.loads((await results.next_msg(timeout=30)).data)
         assert dry["status"] == "dry_run"
@@ -215,7 +218,7 @@ async def test_disk_low_ends_in_a_dry_run_prune_until_granted(
         done.wait(timeout=30)
         config.plugins["docker"] = PluginSettings(permissions=["filesystem_read", "system_access"])
         await bus.publish_event(
-            nc, bus.Subjects.of(config), Event.new("disk.low", "test-host", value=96.0, resource="/var")
+            nc, Subjects.of(config), Event.new("disk.low", "test-host", value=96.0, resource="/var")
         )
         executed = json.loads((await results.next_msg(timeout=60)).data)
         assert executed["status"] == "ok", executed

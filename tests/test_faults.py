@@ -18,15 +18,16 @@ from typing import Any
 
 import pytest
 from nats.aio.client import Client
+from tuxpilot.agent.config import Config
+from tuxpilot.agent.gate import Gate
+from tuxpilot.agent.registry import Registry
+from tuxpilot.bus import connect as bus
+from tuxpilot.bus.server import NatsServer
+from tuxpilot.protocol.manifest import Manifest
+from tuxpilot.protocol.models import Event, ProposedAction
+from tuxpilot.protocol.names import Subjects
+from tuxpilot.sdk.plugin import Context, Plugin
 
-from agent import bus
-from agent.config import Config
-from agent.gate import Gate
-from agent.manifest import Manifest
-from agent.models import Event, ProposedAction
-from agent.registry import Registry
-from agent.sdk import Context, Plugin
-from agent.server import NatsServer
 from tests.conftest import until
 
 pytestmark = pytest.mark.slow
@@ -71,7 +72,7 @@ def counting_plugin(name: str = "counter", delay: float = 0.0) -> tuple[Plugin, 
     return plugin, ran
 
 
-async def publish_until_stored(nc: Client, subjects: bus.Subjects, event: Event) -> int:
+async def publish_until_stored(nc: Client, subjects: Subjects, event: Event) -> int:
     """Publish, retrying the same event (same id) until the server acks it; returns the attempts."""
     attempts = 0
     while True:
@@ -91,7 +92,7 @@ def fast_reconnect(config: Config) -> Config:
 
 
 async def start_gate(nc: Client, config: Config) -> tuple[Registry, Gate]:
-    registry = Registry(nc, bus.Subjects.of(config))
+    registry = Registry(nc, Subjects.of(config))
     await registry.start()
     gate = Gate(nc, config, registry)
     await gate.start()
@@ -101,7 +102,7 @@ async def start_gate(nc: Client, config: Config) -> tuple[Registry, Gate]:
 async def test_server_killed_mid_stream_loses_no_event_and_runs_no_action_twice(
     nats_server: NatsServer, fast_reconnect: Config
 ) -> None:
-    config, subjects, total, crash_at = fast_reconnect, bus.Subjects.of(fast_reconnect), 300, 120
+    config, subjects, total, crash_at = fast_reconnect, Subjects.of(fast_reconnect), 300, 120
     agent_nc = await bus.connect(config.nats, nats_server.url, name="agent")
     plugin_nc = await bus.connect(config.nats, nats_server.url, name="plugin")
     producer = await bus.connect(config.nats, nats_server.url, name="producer")
@@ -135,7 +136,7 @@ async def test_server_killed_mid_stream_loses_no_event_and_runs_no_action_twice(
 
 
 async def test_slow_plugin_does_not_stall_the_gate_or_other_plugins(nc: Client, fast_reconnect: Config) -> None:
-    config, subjects = fast_reconnect, bus.Subjects.of(fast_reconnect)
+    config, subjects = fast_reconnect, Subjects.of(fast_reconnect)
     config.gate.max_in_flight_per_plugin = 8
     slow, slow_ran = counting_plugin("slow", delay=0.5)
     fast, fast_ran = counting_plugin("fast")
@@ -173,7 +174,7 @@ def agent_process(config: Config, state: Path) -> subprocess.Popen[bytes]:
         "TUXPILOT_GATE_COOLDOWNS": json.dumps({"counter.count": 0, "held.count": 3600}),
         "TUXPILOT_LOG_LEVEL": "warning",
     }
-    return subprocess.Popen([sys.executable, "-m", "agent.cli", "agent"], env=env, stdin=subprocess.DEVNULL)
+    return subprocess.Popen([sys.executable, "-m", "tuxpilot.cli", "agent"], env=env, stdin=subprocess.DEVNULL)
 
 
 @pytest.fixture
@@ -187,7 +188,7 @@ async def plugin_counter(nc: Client, fast_reconnect: Config) -> AsyncIterator[tu
 async def test_agent_killed_with_proposals_in_flight_runs_nothing_twice_and_keeps_cooldowns(
     nc: Client, fast_reconnect: Config, plugin_counter: tuple[Plugin, Counter[int]], tmp_path: Path
 ) -> None:
-    config, subjects = fast_reconnect, bus.Subjects.of(fast_reconnect)
+    config, subjects = fast_reconnect, Subjects.of(fast_reconnect)
     _, ran = plugin_counter
     held, held_ran = counting_plugin("held")
     await held.start(nc, config)
@@ -256,16 +257,16 @@ def replica(config: Config, marks: Path) -> subprocess.Popen[bytes]:
         "TUXPILOT_LOG_LEVEL": "warning",
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "plugin", "run", str(SLOWPOKE)], env=env, stdin=subprocess.DEVNULL
+        [sys.executable, "-m", "tuxpilot.cli", "plugin", "run", str(SLOWPOKE)], env=env, stdin=subprocess.DEVNULL
     )
 
 
 async def test_plugin_replica_killed_mid_event_hands_it_to_the_other_replica(
     nc: Client, fast_reconnect: Config, tmp_path: Path
 ) -> None:
-    from agent.registry import live_instances
+    from tuxpilot.bus.registry import live_instances
 
-    config, subjects = fast_reconnect, bus.Subjects.of(fast_reconnect)
+    config, subjects = fast_reconnect, Subjects.of(fast_reconnect)
     config.plugins["slowpoke"] = config.plugin("slowpoke").model_copy(update={"permissions": ["filesystem_write"]})
     marks = tmp_path / "marks"
     marks.mkdir()

@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 from nats.aio.client import Client
-
-from agent.config import Config, PluginSettings
-from agent.gate import Cooldowns, Gate, action_id, parse_proposal
-from agent.manifest import Manifest
-from agent.models import Event, Proposal, ProposedAction, Result, now
-from agent.registry import Registry
-from agent.sdk import ActionError, Context, Plugin
+from tuxpilot.agent.config import Config
+from tuxpilot.agent.gate import Cooldowns, Gate, action_id, parse_proposal
+from tuxpilot.agent.registry import Registry
+from tuxpilot.protocol.manifest import Manifest
+from tuxpilot.protocol.models import Event, Proposal, ProposedAction, Result, now
+from tuxpilot.runtimes.settings import PluginSettings
+from tuxpilot.sdk.plugin import ActionError, Context, Plugin
 
 DEMO = {
     "name": "demo",
@@ -140,7 +140,7 @@ def test_cooldown_claims_then_refuses_then_frees() -> None:
     ],
 )
 def test_parse_proposal_names_what_is_wrong(raw: bytes, code: str) -> None:
-    from agent.errors import TuxPilotError
+    from tuxpilot.protocol.errors import TuxPilotError
 
     with pytest.raises(TuxPilotError) as caught:
         parse_proposal(raw, max_payload=64 * 1024)

@@ -33,17 +33,18 @@ from hypothesis import strategies as st
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
+from tuxpilot.agent.config import Config, load_config
+from tuxpilot.agent.gate import Gate, parse_proposal
+from tuxpilot.agent.registry import Registry
+from tuxpilot.bus import connect as bus
+from tuxpilot.bus.server import NatsServer
+from tuxpilot.log import setup as setup_logging
+from tuxpilot.protocol import schemas
+from tuxpilot.protocol.errors import STATUS_CODES, TuxPilotError
+from tuxpilot.protocol.manifest import Manifest
+from tuxpilot.protocol.models import Event
+from tuxpilot.sdk.plugin import MAX_PARAMS_BYTES, Context, Plugin
 
-from agent import bus, schemas
-from agent.config import Config, load_config
-from agent.errors import STATUS_CODES, TuxPilotError
-from agent.gate import Gate, parse_proposal
-from agent.log import setup as setup_logging
-from agent.manifest import Manifest
-from agent.models import Event
-from agent.registry import Registry
-from agent.sdk import MAX_PARAMS_BYTES, Context, Plugin
-from agent.server import NatsServer
 from tests.test_gate import DEMO, demo_plugin, proposal
 
 HOST = "test-host"

@@ -9,10 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
-
-from agent import schemas
-from agent.manifest import Manifest
-from agent.models import ErrorDoc, Event, Metrics, Proposal, Result
+from tuxpilot.protocol import schemas
+from tuxpilot.protocol.manifest import Manifest
+from tuxpilot.protocol.models import ErrorDoc, Event, Metrics, Proposal, Result
 
 MODELS: dict[str, type[BaseModel]] = {
     "event": Event,

@@ -9,12 +9,11 @@ from collections.abc import Callable
 
 import pytest
 from structlog.testing import capture_logs
-
-from agent import monitor as monitor_module
-from agent import schemas
-from agent.config import CheckConfig, MonitorConfig
-from agent.models import DiskUsage, Event, Metrics, Usage
-from agent.monitor import Hysteresis, Monitor, Reading, read_system, severity
+from tuxpilot.agent import monitor as monitor_module
+from tuxpilot.agent.config import CheckConfig, MonitorConfig
+from tuxpilot.agent.monitor import Hysteresis, Monitor, Reading, read_system, severity
+from tuxpilot.protocol import schemas
+from tuxpilot.protocol.models import DiskUsage, Event, Metrics, Usage
 
 GB = 1024**3
 HOST = "test-host"

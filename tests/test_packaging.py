@@ -31,10 +31,18 @@ def test_wheel_installs_and_finds_its_schemas_and_plugins(tmp_path: Path, wheel:
     assert plugins.returncode == 0, plugins.stderr
     listed = {p["name"]: p for p in json.loads(plugins.stdout)}
     assert "sysmon" in listed
-    assert "/site-packages/agent/_data/plugins/" in listed["sysmon"]["path"]
+    assert "/site-packages/tuxpilot/_data/plugins/" in listed["sysmon"]["path"]
+    # The package is `tuxpilot`; nothing installs a top-level module called `agent`.
+    site = next((env_dir / "lib").glob("python3*/site-packages"))
+    assert not (site / "agent").exists()
+    probe = "from tuxpilot import Plugin; print(Plugin.__module__)"
+    sdk = subprocess.run([str(env_dir / "bin" / "python"), "-c", probe],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert sdk.stdout.strip() == "tuxpilot.sdk.plugin", sdk.stderr
 
     server = subprocess.run(
-        [str(env_dir / "bin" / "python"), "-c", "from agent.server import server_binary; print(server_binary())"],
+        [str(env_dir / "bin" / "python"), "-c",
+         "from tuxpilot.bus.server import server_binary; print(server_binary())"],
         capture_output=True,
         text=True,
         cwd=tmp_path,

@@ -19,13 +19,12 @@ import pytest
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-
-from agent import schemas
-from agent.config import Config
-from agent.manifest import load
-from agent.models import Event
-from agent.sdk import Plugin, load_plugin, with_defaults
-from agent.server import NatsServer
+from tuxpilot.agent.config import Config
+from tuxpilot.bus.server import NatsServer
+from tuxpilot.protocol import schemas
+from tuxpilot.protocol.manifest import load
+from tuxpilot.protocol.models import Event
+from tuxpilot.sdk.plugin import Plugin, load_plugin, with_defaults
 
 FOLDER = Path(__file__).resolve().parent.parent / "plugins" / "sysmon"
 SUBJECT = "tuxpilot.act.test-host.sysmon"

@@ -11,8 +11,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from agent.models import Event, ProposedAction, Result
-from agent.sdk import ActionError, Context, Plugin, sibling
+from tuxpilot import ActionError, Context, Event, Plugin, ProposedAction, Result, sibling
 
 ops = sibling(__file__, "ops")
 plugin = Plugin.here(__file__)

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.models import Event, ProposedAction
-from agent.sdk import Context, Plugin
+from tuxpilot import Context, Event, Plugin, ProposedAction
 
 plugin = Plugin.here(__file__)
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.models import Event, ProposedAction, Result
-from agent.sdk import ActionError, Context, Plugin, sibling
+from tuxpilot import ActionError, Context, Event, Plugin, ProposedAction, Result, sibling
 
 probes = sibling(__file__, "probes")
 plugin = Plugin.here(__file__)

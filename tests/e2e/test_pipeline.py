@@ -14,12 +14,11 @@ from typing import Any
 
 import pytest
 from nats.aio.client import Client
-
-from agent.app import Agent
-from agent.config import Config
-from agent.models import Usage
-from agent.monitor import Reading
-from agent.registry import live_instances
+from tuxpilot.agent.app import Agent
+from tuxpilot.agent.config import Config
+from tuxpilot.agent.monitor import Reading
+from tuxpilot.bus.registry import live_instances
+from tuxpilot.protocol.models import Usage
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +47,7 @@ async def wait_for(predicate: Any, timeout: float = 15.0) -> None:
 
 @pytest.fixture
 async def running(config: Config, nc: Client) -> AsyncIterator[tuple[Agent, Readings]]:
-    from agent.monitor import read_system
+    from tuxpilot.agent.monitor import read_system
 
     config.monitor.interval_s = 0.1
     config.monitor.memory.sustain_s = 0

@@ -85,7 +85,7 @@ def test_up_starts_server_and_plugins_and_stops_them_all(up: Up, sig: signal.Sig
     children = up.tree()
     cmdlines = [" ".join(p.cmdline()) for p in children]
     assert any("nats-server" in c for c in cmdlines), cmdlines
-    assert any("agent.plugin_process" in c and "sysmon" in c for c in cmdlines), cmdlines
+    assert any("tuxpilot.sdk.process" in c and "sysmon" in c for c in cmdlines), cmdlines
 
     up.proc.send_signal(sig)
     assert up.proc.wait(timeout=30) == 0
@@ -151,14 +151,14 @@ def test_bad_config_is_one_line_naming_the_key(tmp_path: Path) -> None:
 def test_a_plugin_process_with_a_bad_folder_or_config_says_so_in_one_line(tmp_path: Path) -> None:
     # What the plugin host starts for each Python plugin; its failures are one line and exit 2.
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUXPILOT_")}
-    run = [sys.executable, "-m", "agent.plugin_process"]
+    run = [sys.executable, "-m", "tuxpilot.sdk.process"]
     done = subprocess.run([*run, str(tmp_path)], capture_output=True, text=True, env=env, timeout=30)
     assert done.returncode == 2, done.stderr
     assert "plugin.toml" in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
-    env["TUXPILOT_GATE_DRY_RUN"] = "perhaps"
+    env["TUXPILOT_STREAMS_MAX_DELIVER"] = "perhaps"
     done = subprocess.run([*run, str(tmp_path)], capture_output=True, text=True, env=env, timeout=30)
-    assert done.returncode == 2 and "gate.dry_run" in done.stderr
+    assert done.returncode == 2 and "streams.max_deliver" in done.stderr
 
     done = subprocess.run(run, capture_output=True, text=True, env=env, timeout=30)
     assert done.returncode == 2 and "usage" in done.stderr

@@ -8,7 +8,7 @@ import resource
 from pathlib import Path
 from typing import Any
 
-from agent.sdk import Context, Plugin
+from tuxpilot import Context, Plugin
 
 plugin = Plugin.here(__file__)
 

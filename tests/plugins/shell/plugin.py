@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.sdk import Context, Plugin
+from tuxpilot import Context, Plugin
 
 plugin = Plugin.here(__file__)
 

@@ -8,8 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.models import Event, ProposedAction
-from agent.sdk import Context, Plugin
+from tuxpilot import Context, Event, Plugin, ProposedAction
 
 plugin = Plugin.here(__file__)
 

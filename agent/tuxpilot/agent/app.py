@@ -1,0 +1,272 @@
+"""The agent process: starts its parts in order and stops them in reverse.
+
+embedded nats-server (when no URL is configured) → connection → registry → gate → monitor → local plugins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from tuxpilot.agent.config import Config, load_config
+from tuxpilot.agent.gate import Gate
+from tuxpilot.agent.monitor import Monitor, Reading
+from tuxpilot.agent.outbox import Outbox
+from tuxpilot.agent.registry import Registry
+from tuxpilot.bus import auth
+from tuxpilot.bus import connect as bus
+from tuxpilot.bus.registry import open_bucket
+from tuxpilot.bus.server import NatsServer
+from tuxpilot.bus.streams import create_plugin_consumer, ensure_streams
+from tuxpilot.protocol.errors import ConfigError
+from tuxpilot.protocol.manifest import Manifest, builtin_dir, discover
+from tuxpilot.protocol.models import Event, Metrics, Result, now
+from tuxpilot.protocol.names import Names, Subjects
+from tuxpilot.runtimes.host import PluginHost
+from tuxpilot.settings import default_config_path
+
+log = structlog.get_logger("tuxpilot.agent")
+
+# Dead letters are filed under tuxpilot.result.<host>.<plugin>.on_event.
+DEAD_LETTER_ACTION = "on_event"
+CONFIG_POLL_S = 1.0
+
+
+def plugin_dirs(config: Config) -> list[Path]:
+    return [*config.plugin_dirs, builtin_dir()]
+
+
+def local_plugins(config: Config) -> dict[str, tuple[Path, Manifest]]:
+    """The plugins `config.run_plugins` names, found in the plugin dirs; a missing one is a config error."""
+    found = discover(plugin_dirs(config))
+    missing = [name for name in config.run_plugins if name not in found]
+    if missing:
+        where = ", ".join(str(d) for d in plugin_dirs(config))
+        raise ConfigError(f"config key run_plugins: no plugin named {', '.join(missing)} in {where}")
+    return {name: found[name] for name in config.run_plugins if config.plugin(name).enabled}
+
+
+class Agent:
+    """One host's agent. `embedded`: start a local nats-server when no URL is configured."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        embedded: bool = True,
+        run_plugins: bool = True,
+        reader: Callable[[], Reading] | None = None,
+    ):
+        self.config = config
+        self.reader = reader
+        self.subjects = Subjects.of(config)
+        self.embedded = embedded and not config.nats.url
+        self.run_plugins = run_plugins
+        self.server: NatsServer | None = None
+        self.nc: Client | None = None
+        self.registry: Registry | None = None
+        self.gate: Gate | None = None
+        self.monitor: Monitor | None = None
+        self.host: PluginHost | None = None
+        self.url: str = ""
+        self.outbox: Outbox | None = None
+        self._dead_letters: Any = None
+        self._config_watch: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        plugins = local_plugins(cfg) if self.run_plugins else {}
+        credentials: dict[str, Path] = {}
+        nats_cfg = cfg.nats
+        if self.embedded:
+            cfg.state_dir.mkdir(parents=True, exist_ok=True)
+            authorization = ""
+            if cfg.embedded.auth:
+                users = auth.users_for(self.subjects, {name: m for name, (_, m) in plugins.items()})
+                hashes = await asyncio.to_thread(auth.provision, cfg.state_dir, users)
+                authorization = auth.server_config(users, hashes)
+                credentials = {
+                    u.plugin: auth.credential_file(cfg.state_dir, u.name) for u in users if u.plugin is not None
+                }
+                nats_cfg = cfg.nats.model_copy(
+                    update={"user_file": auth.credential_file(cfg.state_dir, auth.agent_user(self.subjects).name)}
+                )
+            self.server = NatsServer(
+                cfg.state_dir / "nats",
+                host=cfg.embedded.host,
+                port=cfg.embedded.port,
+                sync_interval=cfg.embedded.sync_interval,
+                extra_config=authorization,
+            )
+            await asyncio.to_thread(self.server.start, cfg.embedded.ready_timeout_s)
+            self.url = self.server.url
+            bus.url_file(cfg.state_dir).write_text(self.url + "\n")
+        else:
+            url = bus.local_url(cfg)
+            if url is None:
+                raise ConfigError("config key nats.url: not set, and no local `tuxpilot up` is running")
+            self.url = url
+        self.nc = await bus.connect(
+            nats_cfg, self.url, name=f"tuxpilot-agent-{cfg.host_id}", on_reconnect=self._on_reconnect
+        )
+        js = self.nc.jetstream()
+        await ensure_streams(js, self.subjects, cfg.streams)
+        # What plugins may not do for themselves under generated authorization.
+        await open_bucket(js, self.subjects)
+        for _, manifest in plugins.values():
+            await create_plugin_consumer(js, manifest, self.subjects, cfg.streams)
+        self.outbox = Outbox(self._send_event, limit=cfg.monitor.buffer_events)
+        self._dead_letters = await self.nc.subscribe(
+            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{Names.of(self.subjects).events}.*", cb=self._on_dead_letter
+        )
+        self.registry = Registry(self.nc, self.subjects)
+        await self.registry.start()
+        self.gate = Gate(self.nc, cfg, self.registry)
+        await self.gate.start()
+        if cfg.monitor.enabled:
+            self.monitor = Monitor(
+                cfg.monitor, cfg.host_id, self._publish_event, self._publish_metrics, reader=self.reader
+            )
+            await self.monitor.start()
+        if plugins:
+            self.host = PluginHost(cfg, self.url, plugins, report=self._publish_event)
+            self.host.credentials = credentials
+            await self.host.start()
+        self._config_watch = asyncio.create_task(self._watch_config(), name="config-watch")
+        log.info("agent.started", host=cfg.host_id, url=self.url, plugins=sorted(plugins))
+
+    def reload(self) -> None:
+        """Take grants and gate policy from the config file again (after `plugin grant`, or SIGHUP)."""
+        path = self.config.source or default_config_path()
+        try:
+            fresh = load_config(path if path.is_file() else None)
+        except ConfigError as exc:
+            log.error("config.reload_failed", error=exc.message)
+            return
+        self.config.plugins = fresh.plugins
+        self.config.gate = fresh.gate
+        log.info("config.reloaded", path=str(path), plugins={n: p.permissions for n, p in fresh.plugins.items()})
+
+    async def _watch_config(self) -> None:
+        path = self.config.source or default_config_path()
+
+        def stamp() -> float | None:
+            try:
+                return path.stat().st_mtime
+            except OSError:
+                return None
+
+        seen = stamp()
+        while True:
+            await asyncio.sleep(CONFIG_POLL_S)
+            now_stamp = stamp()
+            if now_stamp != seen:
+                seen = now_stamp
+                self.reload()
+
+    async def _send_event(self, event: Event) -> None:
+        assert self.nc is not None
+        if not self.nc.is_connected:
+            raise ConnectionError("not connected")
+        await bus.publish_event(self.nc, self.subjects, event)
+
+    async def _publish_event(self, event: Event) -> None:
+        assert self.outbox is not None
+        await self.outbox.put(event)
+
+    async def _on_reconnect(self) -> None:
+        """Send what the monitor buffered during the outage, then say how many were dropped."""
+        if self.outbox is None:
+            return
+        await self.outbox.flush()
+        dropped = self.outbox.take_dropped()
+        if dropped:
+            log.warning("agent.events_dropped", host=self.config.host_id, dropped=dropped)
+            await self.outbox.put(
+                Event.new(
+                    "agent.events_dropped",
+                    self.config.host_id,
+                    source="monitor",
+                    value=dropped,
+                    data={"why": "the server was unreachable and the buffer was full"},
+                )
+            )
+
+    async def _on_dead_letter(self, msg: Msg) -> None:
+        """An event that exhausted its deliveries to a plugin becomes a `dead_letter` audit record."""
+        assert self.nc is not None
+        try:
+            advisory = json.loads(msg.data)
+            consumer = await self.nc.jetstream().consumer_info(advisory["stream"], advisory["consumer"])
+            meta = consumer.config.metadata or {}
+            stored = await self.nc.jetstream().get_msg(advisory["stream"], advisory["stream_seq"])
+            event = Event.model_validate_json(stored.data or b"{}")
+        except Exception as exc:
+            log.error("agent.dead_letter_unreadable", error=f"{type(exc).__name__}: {exc}")
+            return
+        if event.host != self.config.host_id:
+            return
+        plugin = meta.get("plugin", "unknown")
+        result = Result(
+            status="dead_letter",
+            reason="max_deliveries",
+            message=f"{plugin} failed to handle event {event.type} {advisory.get('deliveries')} times; given up",
+            host=event.host,
+            plugin=plugin,
+            action=DEAD_LETTER_ACTION,
+            event_id=event.id,
+            data={"event": event.to_doc()},
+            time=now(),
+        )
+        log.error("agent.dead_letter", plugin=plugin, event_id=event.id, type=event.type)
+        await self.nc.publish(self.subjects.result(plugin, DEAD_LETTER_ACTION), result.to_json())
+
+    async def _publish_metrics(self, metrics: Metrics) -> None:
+        assert self.nc is not None
+        await self.nc.publish(self.subjects.metrics(), metrics.to_json())
+
+    async def stop(self) -> None:
+        """Reverse order; each part's failure to stop is logged and the rest still stop."""
+        if self._config_watch is not None:
+            self._config_watch.cancel()
+        if self._dead_letters is not None:
+            with contextlib.suppress(Exception):
+                await self._dead_letters.unsubscribe()
+        for part in (self.host, self.monitor, self.gate, self.registry):
+            if part is not None:
+                try:
+                    await part.stop()
+                except Exception:
+                    log.exception("agent.stop_failed", part=type(part).__name__)
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+        if self.server is not None:
+            await asyncio.to_thread(self.server.stop)
+            with contextlib.suppress(OSError):
+                bus.url_file(self.config.state_dir).unlink()
+        log.info("agent.stopped", host=self.config.host_id)
+
+    async def run(self, ready: asyncio.Event | None = None) -> None:
+        """Start, run until SIGINT or SIGTERM, stop."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        try:
+            await self.start()
+            if ready is not None:
+                ready.set()
+            await stop.wait()
+        finally:
+            await self.stop()

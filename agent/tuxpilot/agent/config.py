@@ -1,0 +1,108 @@
+"""The agent's configuration: one pydantic model tree, read from a TOML file and `TUXPILOT_*` environment
+variables. The sections every process shares are in `tuxpilot.settings`, the plugin host's in
+`tuxpilot.runtimes.settings`; this module adds the agent's own (monitor, gate, embedded server).
+
+Every key has an environment name derived from its path: `nats.url` is `TUXPILOT_NATS_URL`,
+`monitor.memory.threshold` is `TUXPILOT_MONITOR_MEMORY_THRESHOLD`. Defaults live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Self
+
+from pydantic import Field, model_validator
+
+from tuxpilot.protocol.errors import ConfigError
+from tuxpilot.protocol.manifest import Manifest, Permission
+from tuxpilot.runtimes.settings import HostSettings
+from tuxpilot.settings import EmbeddedConfig, Seconds, Section, load_settings
+
+
+class CheckConfig(Section):
+    enabled: bool = True
+    threshold: float
+    clear: float
+    sustain_s: Annotated[float, Field(ge=0)] = 0.0
+
+    @model_validator(mode="after")
+    def _clear_below_threshold(self) -> Self:
+        if self.clear > self.threshold:
+            raise ValueError(f"clear ({self.clear}) must not be above threshold ({self.threshold})")
+        return self
+
+
+class MonitorConfig(Section):
+    enabled: bool = True
+    interval_s: Seconds = 10.0
+    metrics_interval_s: Seconds = 60.0
+    event_ttl_s: Seconds = 300.0
+    buffer_events: Annotated[int, Field(ge=1)] = Field(
+        10_000, description="Events kept while the server is unreachable; beyond it the oldest are dropped."
+    )
+    memory: CheckConfig = CheckConfig(threshold=90.0, clear=85.0, sustain_s=30.0)
+    swap: CheckConfig = CheckConfig(threshold=80.0, clear=70.0, sustain_s=60.0)
+    disk: CheckConfig = CheckConfig(threshold=90.0, clear=85.0, sustain_s=0.0)
+    cpu: CheckConfig = CheckConfig(threshold=90.0, clear=80.0, sustain_s=60.0)
+    load: CheckConfig = Field(
+        CheckConfig(threshold=2.0, clear=1.5, sustain_s=60.0),
+        description="1-minute load average per CPU core.",
+    )
+    ignore_fstypes: list[str] = ["squashfs", "tmpfs", "devtmpfs", "overlay", "iso9660", "nsfs", "ramfs"]
+
+
+class GateConfig(Section):
+    dry_run: bool = Field(False, description="Record dry_run instead of executing any action.")
+    action_timeout_s: Seconds = 10.0
+    unavailable_retry_s: Annotated[float, Field(ge=0)] = Field(
+        2.0, description="How long to keep asking when no plugin instance serves the action (a restart)."
+    )
+    cooldown_s: Annotated[float, Field(ge=0)] = Field(
+        60.0, description="Default pause between two runs of one action on one resource."
+    )
+    cooldowns: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict, description='Per action, keyed "plugin.action".'
+    )
+    dry_run_actions: list[str] = Field(default_factory=list, description='Actions ("plugin.action") only dry-run.')
+    max_payload: Annotated[int, Field(ge=1024)] = Field(256 * 1024, description="Largest proposal accepted, bytes.")
+    max_concurrency: Annotated[int, Field(ge=1)] = Field(256, description="Proposals decided at once.")
+    max_in_flight_per_plugin: Annotated[int, Field(ge=1)] = Field(
+        32, description="Actions executing at once per plugin; beyond it proposals wait (back-pressure)."
+    )
+
+
+class Config(HostSettings):
+    """The agent's whole configuration: the shared node settings, the plugin host's, and its own sections."""
+
+    embedded: EmbeddedConfig = EmbeddedConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    gate: GateConfig = GateConfig()
+    plugin_dirs: list[Path] = Field(default_factory=list, description="Folders searched for plugins.")
+    run_plugins: list[str] = Field(["sysmon"], description="Local plugins `tuxpilot up` starts and supervises.")
+
+
+def edit_grants(path: Path, manifest: Manifest, current: frozenset[Permission], *, add: list[Permission],
+                remove: list[Permission]) -> list[Permission]:
+    """Write `[plugins.<name>] permissions` into the TOML file at `path`, keeping its comments and layout.
+
+    Only permissions the manifest asks for can be granted. Returns the new grant list.
+    """
+    import tomlkit
+
+    unknown = [p.value for p in add if p not in manifest.permissions]
+    if unknown:
+        raise ConfigError(f"{manifest.name} does not ask for {', '.join(unknown)} (its manifest: "
+                          f"{', '.join(p.value for p in manifest.permissions) or 'nothing'})")
+    granted = sorted((set(current) | set(add)) - set(remove), key=lambda p: p.value)
+    doc = tomlkit.parse(path.read_text()) if path.is_file() else tomlkit.document()
+    plugins = doc.setdefault("plugins", tomlkit.table(is_super_table=True))
+    section = plugins.setdefault(manifest.name, tomlkit.table())
+    section["permissions"] = [p.value for p in granted]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomlkit.dumps(doc))
+    return granted
+
+
+def load_config(path: Path | None = None, environ: dict[str, str] | None = None) -> Config:
+    """The configuration from `path` (or TUXPILOT_CONFIG) and the environment; ConfigError names the bad key."""
+    return load_settings(Config, path, environ)

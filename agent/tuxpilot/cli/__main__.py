@@ -1,0 +1,5 @@
+"""`python -m tuxpilot.cli`: the `tuxpilot` command."""
+
+from tuxpilot.cli import main
+
+main()

@@ -1,0 +1,64 @@
+"""`tuxpilot call`: one action on one host, as an operator."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+from tuxpilot.bus.registry import open_bucket
+from tuxpilot.cli.common import (
+    EXIT_FAILED,
+    EXIT_TIMEOUT,
+    EXIT_UNAVAILABLE,
+    config_of,
+    connect,
+    fail,
+    out,
+    run_async,
+)
+from tuxpilot.protocol.names import Subjects
+
+
+def call(
+    ctx: typer.Context,
+    host: str,
+    plugin: str,
+    action: str,
+    params: Annotated[str, typer.Argument(help="JSON object of params.")] = "{}",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the reply.")] = 10.0,
+) -> None:
+    """Call an action directly, as `nats req tuxpilot.act.HOST.PLUGIN.ACTION PARAMS` would."""
+    config = config_of(ctx)
+    subjects = Subjects.of(config)
+
+    async def main() -> int:
+        nc = await connect(config)
+        try:
+            try:
+                msg = await nc.request(subjects.act(plugin, action, host), params.encode(), timeout=timeout)
+            except NoRespondersError:
+                known = await _actions_of(nc, subjects, host, plugin)
+                hint = f"; {plugin} on {host} has: {', '.join(known)}" if known else f"; is {plugin} running on {host}?"
+                fail(f"no responders for {plugin}.{action} on {host}{hint}", EXIT_UNAVAILABLE)
+            except NatsTimeout:
+                fail(f"no reply within {timeout} s", EXIT_TIMEOUT)
+            out.print_json(msg.data.decode(errors="replace"))
+            return EXIT_FAILED if (msg.headers or {}).get("Nats-Service-Error-Code") else 0
+        finally:
+            await nc.close()
+
+    raise typer.Exit(run_async(main()))
+
+
+async def _actions_of(nc: Client, subjects: Subjects, host: str, plugin: str) -> list[str]:
+    try:
+        kv = await open_bucket(nc.jetstream(), subjects)
+        entry = await kv.get(f"{host}.{plugin}")
+        return sorted(json.loads(entry.value or b"{}")["manifest"].get("actions", {}))
+    except Exception:
+        return []

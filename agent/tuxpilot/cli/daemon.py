@@ -1,0 +1,56 @@
+"""`tuxpilot up` and `tuxpilot agent`: the daemon in the foreground."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from tuxpilot import __version__
+from tuxpilot.agent.app import Agent
+from tuxpilot.bus import connect as bus
+from tuxpilot.cli.common import (
+    config_of,
+    fail,
+    out,
+    run_async,
+)
+from tuxpilot.cli.render import describe
+
+
+def up(ctx: typer.Context, quiet: Annotated[bool, typer.Option(help="Do not print the bus traffic.")] = False) -> None:
+    """Start nats-server (unless TUXPILOT_NATS_URL is set), the agent and the local plugins; Ctrl-C stops all."""
+    config = config_of(ctx)
+
+    async def main() -> None:
+        agent = Agent(config, embedded=True)
+        ready = asyncio.Event()
+        runner = asyncio.create_task(agent.run(ready))
+        await asyncio.wait([runner, asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if runner.done():
+            await runner  # start failed: raise its error
+            return
+        out.print(f"TuxPilot {__version__} up on [bold]{agent.url}[/] as host [bold]{config.host_id}[/]")
+        sys.stdout.flush()
+        if not quiet and agent.nc is not None:
+            s = agent.subjects
+            for subject in (s.events(host=s.host), s.proposal(), s.results(s.host)):
+                await agent.nc.subscribe(subject, cb=print_msg)
+        await runner
+
+    run_async(main())
+
+
+async def print_msg(msg: Any) -> None:
+    out.print(describe(msg.subject, msg.data))
+    sys.stdout.flush()
+
+
+def agent(ctx: typer.Context) -> None:
+    """Run the agent (gate, monitor, local plugins) against the configured NATS server."""
+    config = config_of(ctx)
+    if bus.local_url(config) is None:
+        fail("config key nats.url: the agent needs a server (TUXPILOT_NATS_URL); `tuxpilot up` embeds one", 2)
+    run_async(Agent(config, embedded=False).run())

@@ -1,0 +1,158 @@
+"""The plugin manifest (`plugin.toml`): its model, loading a plugin folder, finding plugins."""
+
+from __future__ import annotations
+
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from tuxpilot.protocol import schemas
+from tuxpilot.protocol.errors import ConfigError
+from tuxpilot.protocol.models import Token
+from tuxpilot.protocol.resources import shipped
+
+MANIFEST_FILE = "plugin.toml"
+API_VERSION = "1"
+
+
+class Permission(StrEnum):
+    system_access = "system_access"
+    filesystem_read = "filesystem_read"
+    filesystem_write = "filesystem_write"
+    network_access = "network_access"
+    process_management = "process_management"
+    service_management = "service_management"
+    user_management = "user_management"
+    configuration_access = "configuration_access"
+
+
+# Never granted unless the operator says so by name.
+DANGEROUS = frozenset(
+    {
+        Permission.system_access,
+        Permission.process_management,
+        Permission.service_management,
+        Permission.user_management,
+        Permission.filesystem_write,
+    }
+)
+
+SEMVER = r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$"
+
+Category = Literal[
+    "monitoring", "integration", "automation", "security", "development", "cloud",
+    "networking", "storage", "virtualization", "custom",
+]
+Runtime = Literal["python", "javascript", "wasm", "container", "native"]
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Dependency(Spec):
+    name: str
+    version: str | None = None
+    kind: Literal["system", "python", "npm", "plugin"] | None = None
+
+
+class ActionSpec(Spec):
+    description: str = ""
+    permission: Permission | None = None
+    params: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+    result: dict[str, Any] | None = None
+    timeout_s: Annotated[float, Field(gt=0, le=3600)] | None = None
+    cooldown_s: Annotated[float, Field(ge=0)] | None = None
+    dry_run: bool | None = None
+
+
+class Limits(Spec):
+    memory_mb: Annotated[int, Field(ge=16)] | None = None
+    cpu_s: Annotated[int, Field(ge=1)] | None = None
+    open_files: Annotated[int, Field(ge=16)] | None = None
+    processes: Annotated[int, Field(ge=1)] | None = None
+
+
+class Manifest(Spec):
+    name: Token
+    version: Annotated[str, Field(pattern=SEMVER)]
+    description: str
+    author: str | None = None
+    license: str | None = None
+    homepage: str | None = None
+    category: Category
+    runtime: Runtime
+    entry_point: str
+    api_version: Annotated[str, Field(pattern=r"^[0-9]+$")] = API_VERSION
+    dependencies: list[Dependency] = Field(default_factory=list)
+    permissions: list[Permission] = Field(default_factory=list)
+    subscribes: list[Annotated[str, Field(pattern=r"^([a-z0-9_-]{1,64}|\*)\.([a-z0-9_-]{1,64}|\*)$")]] = Field(
+        default_factory=list
+    )
+    emits: list[Token] = Field(default_factory=list)
+    actions: dict[Token, ActionSpec] = Field(default_factory=dict)
+    commands: list[str] = Field(default_factory=list)
+    limits: Limits | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    _validators: dict[str, schemas.Validator] = PrivateAttr(default_factory=dict)
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any], *, source: str = "manifest") -> Manifest:
+        """Validate against the manifest schema first (the contract), then build the model."""
+        problems = schemas.validator("manifest").errors(doc)
+        if problems:
+            first = problems[0]
+            raise ConfigError(f"{source}: {first['path']}: {first['message']}", details={"errors": problems})
+        try:
+            manifest = cls.model_validate(doc)
+        except ValidationError as exc:
+            raise ConfigError(f"{source}: {exc.errors()[0]['msg']}") from exc
+        for action, spec in manifest.actions.items():
+            if spec.permission is not None and spec.permission not in manifest.permissions:
+                raise ConfigError(
+                    f"{source}: action {action!r} needs {spec.permission.value!r}, "
+                    "which the manifest's permissions do not list"
+                )
+        return manifest
+
+    def to_doc(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def params_validator(self, action: str) -> schemas.Validator:
+        """The compiled params schema of `action`, compiled once per manifest."""
+        found = self._validators.get(action)
+        if found is None:
+            found = schemas.Validator(self.actions[action].params, what=f"params of {self.name}.{action}")
+            self._validators[action] = found
+        return found
+
+
+def load(folder: Path) -> Manifest:
+    """Read and validate `folder/plugin.toml`."""
+    path = folder / MANIFEST_FILE
+    try:
+        doc = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no plugin manifest here") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return Manifest.from_doc(doc, source=str(path))
+
+
+def builtin_dir() -> Path:
+    return shipped("plugins")
+
+
+def discover(dirs: list[Path]) -> dict[str, tuple[Path, Manifest]]:
+    """Plugin folders (those holding a plugin.toml) under each of `dirs`, by plugin name; first wins."""
+    found: dict[str, tuple[Path, Manifest]] = {}
+    for base in dirs:
+        if not base.is_dir():
+            continue
+        for folder in sorted(p for p in base.iterdir() if (p / MANIFEST_FILE).is_file()):
+            manifest = load(folder)
+            found.setdefault(manifest.name, (folder, manifest))
+    return found

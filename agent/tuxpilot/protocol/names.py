@@ -1,0 +1,101 @@
+"""Every name on the wire, formatted in exactly one place: subjects, headers, stream, bucket and
+consumer names, registry keys, reply inbox prefixes. The SDKs, the agent, the CLI and the benchmark
+all take their names from here; `docs/protocol.md` describes the same facts for other languages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+# Headers of an action request the gate sends, and of the reply.
+ACTION_ID_HEADER = "Tuxpilot-Action-Id"
+EVENT_ID_HEADER = "Tuxpilot-Event-Id"
+# JetStream's de-duplication header: events by event id, proposals by proposal id.
+MSG_ID_HEADER = "Nats-Msg-Id"
+
+
+class HostIdentity(Protocol):
+    """What names a host on the bus: any settings object with these two fields."""
+
+    @property
+    def subject_prefix(self) -> str: ...
+
+    @property
+    def host_id(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Subjects:
+    """Builds every subject in DESIGN.md for one prefix and one (default) host."""
+
+    prefix: str
+    host: str
+
+    def event(self, event_type: str, host: str | None = None) -> str:
+        return f"{self.prefix}.evt.{host or self.host}.{event_type}"
+
+    def events(self, pattern: str = "*.*", host: str | None = "*") -> str:
+        """Subscription pattern for events; `pattern` is category.name with `*` or `>` wildcards."""
+        return f"{self.prefix}.evt.{host or self.host}.{pattern}"
+
+    def metrics(self, host: str | None = None) -> str:
+        return f"{self.prefix}.metrics.{host or self.host}"
+
+    def proposal(self, host: str | None = None) -> str:
+        return f"{self.prefix}.proposal.{host or self.host}"
+
+    def act(self, plugin: str, action: str, host: str | None = None) -> str:
+        return f"{self.prefix}.act.{host or self.host}.{plugin}.{action}"
+
+    def result(self, plugin: str, action: str, host: str | None = None) -> str:
+        return f"{self.prefix}.result.{host or self.host}.{plugin}.{action}"
+
+    def results(self, host: str = "*") -> str:
+        return f"{self.prefix}.result.{host}.>"
+
+    @property
+    def bucket_prefix(self) -> str:
+        """JetStream bucket and stream names allow no dots."""
+        return self.prefix.replace(".", "_")
+
+    @classmethod
+    def of(cls, settings: HostIdentity) -> Subjects:
+        return cls(prefix=settings.subject_prefix, host=settings.host_id)
+
+
+@dataclass(frozen=True)
+class Names:
+    """Stream and bucket names for one subject prefix (names allow no dots)."""
+
+    events: str
+    proposals: str
+    audit: str
+    executions: str
+    cooldowns: str
+    plugins: str
+
+    @classmethod
+    def of(cls, subjects: Subjects) -> Names:
+        p = subjects.bucket_prefix
+        return cls(f"{p}_events", f"{p}_proposals", f"{p}_audit", f"{p}_executions", f"{p}_cooldowns", f"{p}_plugins")
+
+
+def plugin_consumer_name(plugin: str, host: str) -> str:
+    """The durable consumer one plugin's replicas share on one host."""
+    return f"{plugin}-{host}"
+
+
+def inbox_prefix(user: str) -> str:
+    """Each user's own reply inboxes, so that permissions can keep others out of them."""
+    return "_INBOX_" + "".join(c if c.isalnum() or c in "-_" else "_" for c in user)
+
+
+def registry_key(host: str, plugin: str) -> str:
+    """A plugin's entry in the registry bucket."""
+    return f"{host}.{plugin}"
+
+
+def proposal_id(event_id: str, plugin: str) -> str:
+    """The proposal a plugin makes for one event: the same id on every redelivery, so the proposals
+    stream stores it once (within its duplicate window)."""
+    return f"{event_id}-{plugin}"

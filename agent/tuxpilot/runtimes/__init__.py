@@ -1,0 +1,1 @@
+"""The plugin host: how each manifest runtime is started, confined and supervised."""

@@ -1,0 +1,265 @@
+"""The plugin host: starts each local plugin as its own confined process, restarts it with backoff when
+it dies, and reports crash loops (and recoveries) as events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from tuxpilot.protocol.manifest import Manifest
+from tuxpilot.protocol.models import Event, Severity
+from tuxpilot.runtimes.confine import Confinement, Plan
+from tuxpilot.runtimes.settings import HostSettings
+from tuxpilot.settings import environment_of
+
+log = structlog.get_logger("tuxpilot.host")
+
+# Environment a plugin process keeps from the agent's; everything else is scrubbed.
+# The agent's own credentials never pass to a plugin.
+AGENT_SECRETS = frozenset(
+    {
+        "TUXPILOT_NATS_USER",
+        "TUXPILOT_NATS_PASSWORD",
+        "TUXPILOT_NATS_TOKEN",
+        "TUXPILOT_NATS_CREDS",
+        "TUXPILOT_NATS_USER_FILE",
+    }
+)
+# Set by the host itself: the plugin's own settings, not the host config's.
+HOST_SET = frozenset({"TUXPILOT_CONFIG", "TUXPILOT_PLUGINS"})
+KEEP_ENV = ("PATH", "LANG", "LC_ALL", "HOME", "TZ", "PYTHONPATH", "VIRTUAL_ENV", "DOCKER_HOST")
+# Connection settings a plugin shares with the agent; who it is (user, password…) it does not.
+NATS_SHARED = ("connect_timeout_s", "reconnect_wait_s", "max_reconnect_attempts", "request_timeout_s",
+               "pending_bytes", "tls_ca", "tls_cert", "tls_key")
+
+# Takes an event about a plugin (plugin.crash_loop, plugin.recovered…) to the bus.
+Report = Callable[[Event], Awaitable[None]]
+
+
+def backoff(previous: float, start: float = 0.5, limit: float = 60.0) -> float:
+    return start if previous <= 0 else min(previous * 2, limit)
+
+
+def plugin_command(folder: Path, manifest: Manifest) -> list[str]:
+    if manifest.runtime == "python":
+        return [sys.executable, "-m", "tuxpilot.sdk.process", str(folder)]
+    if manifest.runtime == "javascript":
+        return ["node", str(folder / manifest.entry_point)]
+    return [str(folder / manifest.entry_point)]
+
+
+def describe_exit(code: int | None) -> dict[str, Any]:
+    """An exit status as event data: the exit code, or the signal that ended the process."""
+    if code is None:
+        return {"exit_code": None, "signal": None}
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = str(-code)
+        return {"exit_code": None, "signal": name}
+    return {"exit_code": code, "signal": None}
+
+
+@dataclass
+class Supervised:
+    """One local plugin, how it runs, and its restart history."""
+
+    name: str
+    folder: Path
+    manifest: Manifest
+    restarts: int = 0
+    pid: int | None = None
+    delay: float = 0.0
+    plan: Plan | None = None
+    exits: deque[float] = field(default_factory=deque)  # when it exited, within the crash-loop window
+    looping: bool = False  # a crash loop was reported and the plugin has not stayed up since
+    proc: asyncio.subprocess.Process | None = field(default=None, repr=False)
+
+
+class PluginHost:
+    """Runs `config.run_plugins` as child processes until stopped.
+
+    `report` takes the events the host raises about its plugins; the agent publishes them as it
+    publishes the monitor's.
+    """
+
+    def __init__(
+        self,
+        config: HostSettings,
+        url: str,
+        plugins: dict[str, tuple[Path, Manifest]],
+        report: Report | None = None,
+    ):
+        self.config = config
+        self.url = url
+        self.plugins = {
+            name: Supervised(name, folder, manifest) for name, (folder, manifest) in plugins.items()
+        }
+        self.report = report
+        self.confinement = Confinement(config)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        # Each plugin's own credential file, under generated authorization.
+        self.credentials: dict[str, Path] = {}
+
+    def workdir(self, plugin: Supervised) -> Path:
+        return self.config.state_dir / "plugins" / plugin.name
+
+    def environment(self, plugin: Supervised) -> dict[str, str]:
+        """Only what the plugin needs: where the bus is, who it is on it, its own settings."""
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if (k in KEEP_ENV or k.startswith("TUXPILOT_")) and k not in AGENT_SECRETS | HOST_SET
+        }
+        user_file = self.credentials.get(plugin.name)
+        if user_file is not None:
+            env["TUXPILOT_NATS_USER_FILE"] = str(user_file)
+        nats = environment_of(self.config.nats, "nats")
+        env.update({k: v for k, v in nats.items() if k.removeprefix("TUXPILOT_NATS_").lower() in NATS_SHARED})
+        env.update(environment_of(self.config.streams, "streams"))
+        env.update(
+            # A plugin reads no config file (it may not be able to, and should not read the agent's
+            # credentials in it): everything it needs is here.
+            TUXPILOT_CONFIG=os.devnull,
+            TUXPILOT_PLUGINS=json.dumps({plugin.name: {"config": self.config.plugin(plugin.name).config}}),
+            TUXPILOT_NATS_URL=self.url,
+            TUXPILOT_HOST_ID=self.config.host_id,
+            TUXPILOT_STATE_DIR=str(self.config.state_dir),
+            TUXPILOT_SUBJECT_PREFIX=self.config.subject_prefix,
+            TUXPILOT_LOG_LEVEL=self.config.log.level,
+            TUXPILOT_LOG_FORMAT=self.config.log.format,
+            TUXPILOT_PLUGIN=plugin.name,
+        )
+        plan = plugin.plan
+        if plan is not None and plan.account is not None:
+            env["HOME"] = str(self.workdir(plugin))
+        if plan is not None and "memory_mb" in plan.limits:
+            # RLIMIT_AS counts address space: glibc's per-thread malloc arenas (64 MiB each) would
+            # use it up long before memory is, so a limited plugin keeps to two.
+            env["MALLOC_ARENA_MAX"] = "2"
+        return env
+
+    async def start(self) -> None:
+        for plugin in self.plugins.values():
+            self._tasks.append(asyncio.create_task(self._supervise(plugin), name=f"plugin-{plugin.name}"))
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        self._stopping = True
+        for plugin in self.plugins.values():
+            if plugin.proc is not None and plugin.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    plugin.proc.send_signal(signal.SIGTERM)
+        for plugin in self.plugins.values():
+            if plugin.proc is None:
+                continue
+            try:
+                await asyncio.wait_for(plugin.proc.wait(), grace_s)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    plugin.proc.kill()
+                await plugin.proc.wait()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _supervise(self, plugin: Supervised) -> None:
+        plog = log.bind(plugin=plugin.name, host=self.config.host_id)
+        workdir = self.workdir(plugin)
+        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            plan = plugin.plan = await self.confinement.plan(
+                plugin.name, plugin.folder, plugin.manifest, workdir, self.credentials.get(plugin.name),
+                self.environment(plugin),
+            )
+        except Exception:  # a bug, not a refusal: say so instead of ending the task silently
+            plog.exception("plugin.not_started")
+            return
+        if plan.refused is not None:
+            plog.error("plugin.refused", reason=plan.refused, fix=plan.fix, strict=True)
+            await self._report(plugin, "plugin.refused", "critical", reason=plan.refused, fix=plan.fix)
+            return
+        if plan.unconfined is not None:
+            plog.warning("plugin.unconfined", user=plan.user, reason=plan.unconfined, fix=plan.fix)
+            await self._report(plugin, "plugin.unconfined", "warning", user=plan.user, reason=plan.unconfined,
+                               fix=plan.fix)
+        sup = self.config.supervision
+        while not self._stopping:
+            started = time.monotonic()
+            code = await self._run_once(plugin, plan, workdir, plog)
+            if self._stopping:
+                break
+            now = time.monotonic()
+            plugin.delay = (
+                0.0 if now - started > sup.healthy_after_s
+                else backoff(plugin.delay, sup.backoff_start_s, sup.backoff_max_s)
+            )
+            plugin.restarts += 1
+            plugin.exits.append(now)
+            while plugin.exits and now - plugin.exits[0] > sup.crash_loop_window_s:
+                plugin.exits.popleft()
+            status = describe_exit(code)
+            plog.warning("plugin.process_exited", **status, restart_in_s=plugin.delay, restarts=plugin.restarts)
+            if not plugin.looping and len(plugin.exits) >= sup.crash_loop_restarts:
+                plugin.looping = True
+                plog.error("plugin.crash_loop", restarts=len(plugin.exits), window_s=sup.crash_loop_window_s,
+                           **status, next_backoff_s=plugin.delay)
+                await self._report(
+                    plugin, "plugin.crash_loop", "critical", value=len(plugin.exits),
+                    restarts=len(plugin.exits), window_s=sup.crash_loop_window_s, total_restarts=plugin.restarts,
+                    **status, next_backoff_s=plugin.delay, user=plan.user, limits=plan.limits,
+                )
+            await asyncio.sleep(plugin.delay)
+
+    async def _run_once(self, plugin: Supervised, plan: Plan, workdir: Path, plog: Any) -> int | None:
+        """Start the plugin's process and wait for it to end; its exit status (None: it never started)."""
+        try:
+            proc = plugin.proc = await asyncio.create_subprocess_exec(
+                *plugin_command(plugin.folder, plugin.manifest),
+                env=self.environment(plugin),
+                cwd=workdir,
+                stdin=asyncio.subprocess.DEVNULL,
+                **plan.spawn_options(),
+            )
+        except (OSError, ValueError) as exc:  # e.g. the user may not run the program
+            plog.error("plugin.start_failed", error=f"{type(exc).__name__}: {exc}", user=plan.user)
+            return None
+        plugin.pid = proc.pid
+        plog.info("plugin.process_started", pid=proc.pid, restarts=plugin.restarts, user=plan.user,
+                  limits=plan.limits)
+        if plugin.looping:
+            healthy_after = self.config.supervision.healthy_after_s
+            try:
+                return await asyncio.wait_for(proc.wait(), healthy_after)
+            except TimeoutError:
+                plugin.looping = False
+                plugin.exits.clear()
+                plog.info("plugin.recovered", pid=proc.pid, up_s=healthy_after)
+                await self._report(plugin, "plugin.recovered", "info", pid=proc.pid, up_s=healthy_after,
+                                   total_restarts=plugin.restarts)
+        return await proc.wait()
+
+    async def _report(self, plugin: Supervised, kind: str, severity: Severity, value: float | None = None,
+                      **data: Any) -> None:
+        if self.report is None:
+            return
+        event = Event.new(kind, self.config.host_id, severity=severity, source="agent", resource=plugin.name,
+                          value=value, data=data)
+        try:
+            await self.report(event)
+        except Exception as exc:  # reporting must never stop the supervision
+            log.warning("plugin.report_failed", plugin=plugin.name, host=self.config.host_id, event=kind,
+                        error=f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,73 @@
+"""The settings of the plugin host: each plugin's grants and settings, confinement, supervision."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import Field
+
+from tuxpilot.protocol.manifest import DANGEROUS, Limits, Manifest, Permission
+from tuxpilot.settings import NodeSettings, Seconds, Section
+
+
+class PluginSettings(Section):
+    enabled: bool = True
+    permissions: list[Permission] | None = Field(
+        None, description="Granted permissions; unset: the manifest's non-dangerous ones."
+    )
+    config: dict[str, Any] = Field(default_factory=dict)
+    user: str | None = Field(None, description="Run this plugin as this user instead of confinement.user.")
+    groups: list[str] = Field(
+        default_factory=list, description='Supplementary groups of the plugin process, e.g. ["docker"].'
+    )
+
+    def granted(self, manifest: Manifest) -> frozenset[Permission]:
+        if self.permissions is not None:
+            return frozenset(self.permissions)
+        return frozenset(p for p in manifest.permissions if p not in DANGEROUS)
+
+
+class ConfinementConfig(Section):
+    """How local plugin processes are confined: the user they run as, their rlimits."""
+
+    user: str = Field(
+        "tuxpilot-plugin",
+        description="Unprivileged user plugins run as when the agent runs as root; created when missing.",
+    )
+    strict: bool = Field(
+        False,
+        description="Refuse to start a plugin that cannot run as `user`; false: run it as root, with a warning.",
+    )
+    default_limits: Limits = Field(
+        Limits(memory_mb=2048, open_files=1024),
+        description="rlimits of a plugin whose manifest sets none: memory_mb is address space (RLIMIT_AS).",
+    )
+    max_limits: Limits = Field(
+        Limits(memory_mb=8192, open_files=65536, processes=4096),
+        description="The most a manifest may ask for; more is cut down to this. Unset: no cap.",
+    )
+
+
+class SupervisionConfig(Section):
+    """How the plugin host restarts plugin processes and when it calls a crash loop."""
+
+    backoff_start_s: Seconds = 0.5
+    backoff_max_s: Seconds = 60.0
+    healthy_after_s: Seconds = Field(
+        30.0, description="A plugin up this long is healthy again: its backoff starts over, a crash loop is over."
+    )
+    crash_loop_restarts: Annotated[int, Field(ge=1)] = Field(
+        5, description="This many exits within crash_loop_window_s is a crash loop (a plugin.crash_loop event)."
+    )
+    crash_loop_window_s: Seconds = 60.0
+
+
+class HostSettings(NodeSettings):
+    """What the plugin host needs of the agent's configuration."""
+
+    plugins: dict[str, PluginSettings] = Field(default_factory=dict)
+    confinement: ConfinementConfig = ConfinementConfig()
+    supervision: SupervisionConfig = SupervisionConfig()
+
+    def plugin(self, name: str) -> PluginSettings:
+        return self.plugins.get(name) or PluginSettings()
