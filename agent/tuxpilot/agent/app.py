@@ -1,6 +1,7 @@
-"""The agent process: starts its parts in order and stops them in reverse.
+"""The agent process: starts its parts in order and stops them in reverse, through one exit stack.
 
-embedded nats-server (when no URL is configured) → connection → registry → gate → monitor → local plugins.
+embedded nats-server (when no URL is configured) → connection → outbox → dead letters → registry → gate →
+monitor → plugin host → config watch.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import asyncio
 import contextlib
 import json
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from tuxpilot.protocol.manifest import Manifest, builtin_dir, discover
 from tuxpilot.protocol.models import Event, Metrics, Result, now
 from tuxpilot.protocol.names import Names, Subjects
 from tuxpilot.runtimes.host import PluginHost
-from tuxpilot.settings import default_config_path
+from tuxpilot.settings import NatsConfig, default_config_path
 
 log = structlog.get_logger("tuxpilot.agent")
 
@@ -55,8 +56,72 @@ def local_plugins(config: Config) -> dict[str, tuple[Path, Manifest]]:
     return {name: found[name] for name in config.run_plugins if config.plugin(name).enabled}
 
 
+@contextlib.asynccontextmanager
+async def embedded_server(cfg: Config, authorization: str) -> AsyncIterator[NatsServer]:
+    """The embedded nats-server on the state dir's store; its URL is in the state dir while it runs."""
+    server = NatsServer(
+        cfg.state_dir / "nats",
+        host=cfg.embedded.host,
+        port=cfg.embedded.port,
+        sync_interval=cfg.embedded.sync_interval,
+        extra_config=authorization,
+    )
+    await asyncio.to_thread(server.start, cfg.embedded.ready_timeout_s)
+    url_file = bus.url_file(cfg.state_dir)
+    try:
+        url_file.write_text(server.url + "\n")
+        yield server
+    finally:
+        await asyncio.to_thread(server.stop)
+        with contextlib.suppress(OSError):
+            url_file.unlink()
+
+
+@contextlib.asynccontextmanager
+async def connection(
+    cfg: NatsConfig, url: str, *, name: str, on_reconnect: Callable[[], Awaitable[None]]
+) -> AsyncIterator[Client]:
+    """A connection drained when it is no longer needed: what was published is sent first."""
+    nc = await bus.connect(cfg, url, name=name, on_reconnect=on_reconnect)
+    try:
+        yield nc
+    finally:
+        try:
+            await nc.drain()
+        except Exception as exc:  # a link that is already gone has nothing left to drain
+            log.warning("agent.drain_failed", error=f"{type(exc).__name__}: {exc}")
+            await nc.close()
+
+
+@contextlib.asynccontextmanager
+async def subscription(nc: Client, subject: str, cb: Callable[[Msg], Awaitable[None]]) -> AsyncIterator[None]:
+    sub = await nc.subscribe(subject, cb=cb)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):  # the connection may be closed already
+            await sub.unsubscribe()
+
+
+@contextlib.asynccontextmanager
+async def background(work: Coroutine[Any, Any, None], *, name: str) -> AsyncIterator[asyncio.Task[None]]:
+    """A task that runs while the block does, cancelled and awaited when it ends."""
+    task = asyncio.create_task(work, name=name)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 class Agent:
-    """One host's agent. `embedded`: start a local nats-server when no URL is configured."""
+    """One host's agent. `embedded`: start a local nats-server when no URL is configured.
+
+    Its parts are async context managers entered on one `AsyncExitStack` in `start()`, in the order
+    they depend on each other; `stop()` closes the stack, so they stop in reverse, and a start that
+    fails half-way stops what it had started. `async with Agent(config):` does both.
+    """
 
     def __init__(
         self,
@@ -71,6 +136,7 @@ class Agent:
         self.subjects = Subjects.of(config)
         self.embedded = embedded and not config.nats.url
         self.run_plugins = run_plugins
+        # Set as the parts start, for those who look at a running agent (the CLI, tests); never stopped by hand.
         self.server: NatsServer | None = None
         self.nc: Client | None = None
         self.registry: Registry | None = None
@@ -79,10 +145,21 @@ class Agent:
         self.host: PluginHost | None = None
         self.url: str = ""
         self.outbox: Outbox | None = None
-        self._dead_letters: Any = None
-        self._config_watch: asyncio.Task[None] | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+
+    async def __aenter__(self) -> Agent:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
     async def start(self) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            await self._start_parts(stack)
+            self._stack = stack.pop_all()  # started: kept open until stop()
+
+    async def _start_parts(self, stack: contextlib.AsyncExitStack) -> None:
         cfg = self.config
         plugins = local_plugins(cfg) if self.run_plugins else {}
         credentials: dict[str, Path] = {}
@@ -100,48 +177,40 @@ class Agent:
                 nats_cfg = cfg.nats.model_copy(
                     update={"user_file": auth.credential_file(cfg.state_dir, auth.agent_user(self.subjects).name)}
                 )
-            self.server = NatsServer(
-                cfg.state_dir / "nats",
-                host=cfg.embedded.host,
-                port=cfg.embedded.port,
-                sync_interval=cfg.embedded.sync_interval,
-                extra_config=authorization,
-            )
-            await asyncio.to_thread(self.server.start, cfg.embedded.ready_timeout_s)
+            self.server = await stack.enter_async_context(embedded_server(cfg, authorization))
             self.url = self.server.url
-            bus.url_file(cfg.state_dir).write_text(self.url + "\n")
         else:
             url = bus.local_url(cfg)
             if url is None:
                 raise ConfigError("config key nats.url: not set, and no local `tuxpilot up` is running")
             self.url = url
-        self.nc = await bus.connect(
-            nats_cfg, self.url, name=f"tuxpilot-agent-{cfg.host_id}", on_reconnect=self._on_reconnect
+        self.nc = nc = await stack.enter_async_context(
+            connection(nats_cfg, self.url, name=f"tuxpilot-agent-{cfg.host_id}", on_reconnect=self._on_reconnect)
         )
-        js = self.nc.jetstream()
+        js = nc.jetstream()
         await ensure_streams(js, self.subjects, cfg.streams)
         # What plugins may not do for themselves under generated authorization.
         await open_bucket(js, self.subjects)
         for _, manifest in plugins.values():
             await create_plugin_consumer(js, manifest, self.subjects, cfg.streams)
-        self.outbox = Outbox(self._send_event, limit=cfg.monitor.buffer_events)
-        self._dead_letters = await self.nc.subscribe(
-            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{Names.of(self.subjects).events}.*", cb=self._on_dead_letter
-        )
-        self.registry = Registry(self.nc, self.subjects)
-        await self.registry.start()
-        self.gate = Gate(self.nc, cfg, self.registry)
-        await self.gate.start()
-        if cfg.monitor.enabled:
-            self.monitor = Monitor(
-                cfg.monitor, cfg.host_id, self._publish_event, self._publish_metrics, reader=self.reader
+        self.outbox = await stack.enter_async_context(Outbox(self._send_event, limit=cfg.monitor.buffer_events))
+        await stack.enter_async_context(
+            subscription(
+                nc, f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{Names.of(self.subjects).events}.*",
+                self._on_dead_letter,
             )
-            await self.monitor.start()
+        )
+        self.registry = await stack.enter_async_context(Registry(nc, self.subjects))
+        self.gate = await stack.enter_async_context(Gate(nc, cfg, self.registry))
+        if cfg.monitor.enabled:
+            self.monitor = await stack.enter_async_context(
+                Monitor(cfg.monitor, cfg.host_id, self._publish_event, self._publish_metrics, reader=self.reader)
+            )
         if plugins:
-            self.host = PluginHost(cfg, self.url, plugins, report=self._publish_event)
-            self.host.credentials = credentials
-            await self.host.start()
-        self._config_watch = asyncio.create_task(self._watch_config(), name="config-watch")
+            host = PluginHost(cfg, self.url, plugins, report=self._publish_event)
+            host.credentials = credentials
+            self.host = await stack.enter_async_context(host)
+        await stack.enter_async_context(background(self._watch_config(), name="config-watch"))
         log.info("agent.started", host=cfg.host_id, url=self.url, plugins=sorted(plugins))
 
     def reload(self) -> None:
@@ -235,25 +304,11 @@ class Agent:
         await self.nc.publish(self.subjects.metrics(), metrics.to_json())
 
     async def stop(self) -> None:
-        """Reverse order; each part's failure to stop is logged and the rest still stop."""
-        if self._config_watch is not None:
-            self._config_watch.cancel()
-        if self._dead_letters is not None:
-            with contextlib.suppress(Exception):
-                await self._dead_letters.unsubscribe()
-        for part in (self.host, self.monitor, self.gate, self.registry):
-            if part is not None:
-                try:
-                    await part.stop()
-                except Exception:
-                    log.exception("agent.stop_failed", part=type(part).__name__)
-        if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await self.nc.drain()
-        if self.server is not None:
-            await asyncio.to_thread(self.server.stop)
-            with contextlib.suppress(OSError):
-                bus.url_file(self.config.state_dir).unlink()
+        """Every part, in reverse order of starting; each part's failure to stop is logged and the rest still stop."""
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return
+        await stack.aclose()
         log.info("agent.stopped", host=self.config.host_id)
 
     async def run(self, ready: asyncio.Event | None = None) -> None:

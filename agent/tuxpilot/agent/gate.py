@@ -27,6 +27,7 @@ from tuxpilot.agent.ledger import Ledger
 from tuxpilot.agent.registry import Registry
 from tuxpilot.bus.consumer import Durable
 from tuxpilot.bus.streams import ensure_streams
+from tuxpilot.lifetime import Part
 from tuxpilot.protocol import schemas
 from tuxpilot.protocol.errors import BadRequest, TuxPilotError, error_doc
 from tuxpilot.protocol.manifest import ActionSpec, Manifest
@@ -185,7 +186,7 @@ def _wake(woken: asyncio.Future[None], *_: object) -> None:
 # -- the gate ------------------------------------------------------------------------------------
 
 
-class Gate:
+class Gate(Part):
     """Subscribes to the host's proposals and takes each proposed action through the steps."""
 
     def __init__(self, nc: Client, config: Config, registry: Registry):

@@ -20,6 +20,7 @@ import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from tuxpilot.agent.config import CheckConfig, MonitorConfig
+from tuxpilot.lifetime import Part
 from tuxpilot.protocol.models import DiskUsage, Event, Metrics, Severity, Usage
 
 log = structlog.get_logger("tuxpilot.monitor")
@@ -189,7 +190,7 @@ def _usage_data(usage: Usage | DiskUsage) -> dict[str, Any]:
     return usage.model_dump(mode="json", exclude_none=True, exclude={"percent"})
 
 
-class Monitor:
+class Monitor(Part):
     """Runs the checks every `interval_s` and publishes a metrics snapshot every `metrics_interval_s`.
 
     Events: a check crossing its threshold (and holding for its sustain time) publishes one `<check>.high`

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
+from tuxpilot.lifetime import Part
 from tuxpilot.protocol.models import Event
 
 log = structlog.get_logger("tuxpilot.outbox")
@@ -16,7 +17,9 @@ log = structlog.get_logger("tuxpilot.outbox")
 Send = Callable[[Event], Awaitable[None]]
 
 
-class Outbox:
+class Outbox(Part):
+    """Events waiting for the bus, oldest first; `send` takes one to the bus or raises."""
+
     def __init__(self, send: Send, *, limit: int = 10_000):
         self._send = send
         self._queue: deque[Event] = deque(maxlen=limit)
@@ -49,6 +52,13 @@ class Outbox:
         if sent > 1 or self.dropped:
             log.info("outbox.flushed", sent=sent, dropped=self.dropped)
         return sent
+
+    async def stop(self) -> None:
+        """One last try to send what waits; what still cannot go is counted in the log, not kept."""
+        if self._queue:
+            await self.flush()
+        if self._queue or self.dropped:
+            log.warning("outbox.lost", unsent=len(self._queue), dropped=self.dropped)
 
     def take_dropped(self) -> int:
         dropped, self.dropped = self.dropped, 0

@@ -16,6 +16,7 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from tuxpilot.bus.registry import open_bucket
+from tuxpilot.lifetime import Part
 from tuxpilot.protocol.errors import ConfigError
 from tuxpilot.protocol.manifest import Manifest
 from tuxpilot.protocol.names import Subjects
@@ -33,7 +34,7 @@ def _parse(value: bytes | None) -> Manifest | None:
         return None
 
 
-class Registry:
+class Registry(Part):
     """The manifests announced for one host, kept current by a KV watch."""
 
     def __init__(self, nc: Client, subjects: Subjects):

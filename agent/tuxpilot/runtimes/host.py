@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from tuxpilot.lifetime import Part
 from tuxpilot.protocol.manifest import Manifest
 from tuxpilot.protocol.models import Event, Severity
 from tuxpilot.runtimes.confine import Confinement, Plan
@@ -89,7 +90,7 @@ class Supervised:
     proc: asyncio.subprocess.Process | None = field(default=None, repr=False)
 
 
-class PluginHost:
+class PluginHost(Part):
     """Runs `config.run_plugins` as child processes until stopped.
 
     `report` takes the events the host raises about its plugins; the agent publishes them as it
