@@ -18,8 +18,9 @@ from typing import Annotated, Any, Literal, Self, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from tuxpilot.protocol.errors import ConfigError
+from tuxpilot.protocol.launch import CONFIG as CONFIG_ENV
+from tuxpilot.protocol.launch import env_name
 
-ENV_PREFIX = "TUXPILOT_"
 SYSTEM_CONFIG = Path("/etc/tuxpilot/tuxpilot.toml")
 _TOKEN = re.compile(r"[^a-z0-9_-]+")
 
@@ -133,7 +134,7 @@ def env_overrides(model: type[BaseModel], environ: dict[str, str], path: tuple[s
             if nested:
                 found[name] = nested
             continue
-        raw = environ.get(ENV_PREFIX + "_".join(key).upper())
+        raw = environ.get(env_name(*key))
         if raw is None:
             continue
         if raw[:1] in "[{":
@@ -158,7 +159,7 @@ def environment_of(section: BaseModel, *path: str) -> dict[str, str]:
             found.update(environment_of(value, *key))
         elif value is not None:
             text = str(value) if isinstance(value, str | Path) else json.dumps(value, default=str)
-            found[ENV_PREFIX + "_".join(key).upper()] = text
+            found[env_name(*key)] = text
     return found
 
 
@@ -188,8 +189,8 @@ def config_path(explicit: Path | None = None, environ: dict[str, str] | None = N
     if explicit is not None:
         return explicit
     env = dict(os.environ) if environ is None else environ
-    if env.get(ENV_PREFIX + "CONFIG"):
-        return Path(env[ENV_PREFIX + "CONFIG"])
+    if env.get(CONFIG_ENV):
+        return Path(env[CONFIG_ENV])
     if environ is not None:
         return None
     default = default_config_path()
@@ -223,7 +224,7 @@ def load_settings(model: type[S], path: Path | None = None, environ: dict[str, s
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        env = ENV_PREFIX + "_".join(str(p) for p in err["loc"]).upper()
+        env = env_name(*(str(p) for p in err["loc"]))
         where = f" (file {path})" if path else ""
         raise ConfigError(f"config key {key}: {err['msg']}{where}; environment name {env}") from exc
     if isinstance(settings, NodeSettings):

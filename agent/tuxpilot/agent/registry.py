@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 
 import structlog
 from nats.aio.client import Client
@@ -17,9 +16,10 @@ from nats.js.kv import KeyValue
 
 from tuxpilot.bus.registry import open_bucket
 from tuxpilot.lifetime import Part
-from tuxpilot.protocol.errors import ConfigError
+from tuxpilot.protocol.errors import TuxPilotError
 from tuxpilot.protocol.manifest import Manifest
-from tuxpilot.protocol.names import Subjects
+from tuxpilot.protocol.names import Subjects, registry_key
+from tuxpilot.protocol.registry import RegistryEntry
 
 log = structlog.get_logger("tuxpilot.registry")
 
@@ -28,9 +28,9 @@ def _parse(value: bytes | None) -> Manifest | None:
     if not value:
         return None
     try:
-        return Manifest.from_doc(json.loads(value)["manifest"], source="registry entry")
-    except (ValueError, KeyError, TypeError, ConfigError) as exc:
-        log.warning("registry.bad_entry", error=str(exc))
+        return RegistryEntry.from_json(value).manifest
+    except TuxPilotError as exc:
+        log.warning("registry.bad_entry", error=exc.message)
         return None
 
 
@@ -48,7 +48,7 @@ class Registry(Part):
 
     async def start(self) -> None:
         self._kv = await open_bucket(self._js, self._subjects)
-        self._watcher = await self._kv.watch(f"{self._subjects.host}.*")
+        self._watcher = await self._kv.watch(registry_key(self._subjects.host, "*"))
         self._task = asyncio.create_task(self._follow(self._watcher), name="registry-watch")
 
     async def stop(self) -> None:
@@ -84,7 +84,7 @@ class Registry(Part):
         if found is not None or self._kv is None:
             return found
         try:
-            entry = await self._kv.get(f"{self._subjects.host}.{plugin}")
+            entry = await self._kv.get(registry_key(self._subjects.host, plugin))
         except KeyNotFoundError:
             return None
         manifest = _parse(entry.value)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 from nats.aio.client import Client
 
 from tuxpilot.bus.registry import live_instances, open_bucket
+from tuxpilot.protocol.errors import TuxPilotError
 from tuxpilot.protocol.names import Names, Subjects
+from tuxpilot.protocol.registry import RegistryEntry
 
 
 async def snapshot(nc: Client, subjects: Subjects) -> dict[str, Any]:
@@ -44,8 +45,10 @@ async def snapshot(nc: Client, subjects: Subjects) -> dict[str, Any]:
         kv = await open_bucket(js, subjects)
         for key in await kv.keys():
             entry = await kv.get(key)
-            doc = json.loads(entry.value or b"{}")
-            registered[key] = doc.get("manifest", {}).get("version")
+            try:
+                registered[key] = RegistryEntry.from_json(entry.value or b"").manifest.version
+            except TuxPilotError:  # shown as registered, of no known version
+                registered[key] = None
     except Exception:  # an empty bucket has no keys and says so by raising
         pass
     running = [

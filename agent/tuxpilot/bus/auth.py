@@ -17,6 +17,7 @@ from typing import Any
 
 import bcrypt
 
+from tuxpilot.protocol.launch import CredentialFile
 from tuxpilot.protocol.manifest import Manifest
 from tuxpilot.protocol.names import Names, Subjects, inbox_prefix, plugin_consumer_name
 
@@ -174,10 +175,8 @@ def provision(state_dir: Path, users: list[User], url: str | None = None) -> dic
             entry["hash"] = _hash(entry["password"])
         user.password = entry["password"]
         hashes[user.name] = entry["hash"]
-        doc = {"user": user.name, "password": user.password, "inbox_prefix": user.inbox}
-        if url:
-            doc["url"] = url
-        _write_private(credential_file(state_dir, user.name), doc)
+        entry_doc = CredentialFile(user=user.name, password=user.password, inbox_prefix=user.inbox, url=url)
+        _write_private(credential_file(state_dir, user.name), entry_doc.model_dump(exclude_none=True))
     _write_private(store, known)
     return hashes
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -11,6 +10,7 @@ import nats
 import structlog
 from nats.aio.client import Client
 
+from tuxpilot.protocol.launch import CredentialFile
 from tuxpilot.protocol.models import Event
 from tuxpilot.protocol.names import MSG_ID_HEADER, Subjects, inbox_prefix
 from tuxpilot.settings import NatsConfig, NodeSettings
@@ -87,15 +87,16 @@ async def connect(
             await on_reconnect()
 
     user, password = cfg.user, cfg.password
+    inbox = inbox_prefix(user) if user else "_INBOX"
     if cfg.user_file is not None:
-        doc = json.loads(cfg.user_file.read_text())
-        user, password = doc["user"], doc["password"]
+        creds = CredentialFile.model_validate_json(cfg.user_file.read_text())
+        user, password, inbox = creds.user, creds.password, creds.inbox_prefix
     nc = await nats.connect(
         servers=[u.strip() for u in url.split(",") if u.strip()],
         name=name,
         user=user,
         password=password,
-        inbox_prefix=inbox_prefix(user) if user else "_INBOX",
+        inbox_prefix=inbox,
         token=cfg.token,
         user_credentials=str(cfg.creds) if cfg.creds else None,
         tls=_tls(cfg),

@@ -13,8 +13,8 @@ from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 
 from tuxpilot.protocol.manifest import Manifest
-from tuxpilot.protocol.models import now
 from tuxpilot.protocol.names import Names, Subjects, registry_key
+from tuxpilot.protocol.registry import RegistryEntry
 
 
 async def open_bucket(js: JetStreamContext, subjects: Subjects) -> KeyValue:
@@ -28,8 +28,7 @@ async def open_bucket(js: JetStreamContext, subjects: Subjects) -> KeyValue:
 
 async def announce(js: JetStreamContext, subjects: Subjects, manifest: Manifest, instance: str) -> None:
     kv = await open_bucket(js, subjects)
-    doc = {"manifest": manifest.to_doc(), "instance": instance, "time": now().isoformat()}
-    await kv.put(registry_key(subjects.host, manifest.name), json.dumps(doc).encode())
+    await kv.put(registry_key(subjects.host, manifest.name), RegistryEntry.of(subjects.host, manifest).to_json())
 
 
 async def live_instances(nc: Client, host: str | None = None, wait: float = 0.3) -> list[dict[str, Any]]:

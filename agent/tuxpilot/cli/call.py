@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
@@ -21,7 +20,8 @@ from tuxpilot.cli.common import (
     out,
     run_async,
 )
-from tuxpilot.protocol.names import Subjects
+from tuxpilot.protocol.names import Subjects, registry_key
+from tuxpilot.protocol.registry import RegistryEntry
 
 
 def call(
@@ -58,7 +58,7 @@ def call(
 async def _actions_of(nc: Client, subjects: Subjects, host: str, plugin: str) -> list[str]:
     try:
         kv = await open_bucket(nc.jetstream(), subjects)
-        entry = await kv.get(f"{host}.{plugin}")
-        return sorted(json.loads(entry.value or b"{}")["manifest"].get("actions", {}))
+        entry = await kv.get(registry_key(host, plugin))
+        return sorted(RegistryEntry.from_json(entry.value or b"").manifest.actions)
     except Exception:
         return []

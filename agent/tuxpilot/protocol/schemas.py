@@ -12,7 +12,7 @@ import jsonschema_rs
 from tuxpilot.protocol.errors import BadRequest, InvalidParams, PayloadTooLarge
 from tuxpilot.protocol.resources import shipped
 
-SCHEMA_NAMES = ("event", "proposal", "result", "error", "manifest", "metrics")
+SCHEMA_NAMES = ("event", "proposal", "result", "error", "manifest", "metrics", "registry")
 _MAX_REPORTED = 10
 # Deeper documents are refused before validation: no contract here nests anywhere near this.
 MAX_DEPTH = 64

@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 
 from tuxpilot.lifetime import Part
+from tuxpilot.protocol import launch
 from tuxpilot.protocol.manifest import Manifest
 from tuxpilot.protocol.models import Event, Severity
 from tuxpilot.runtimes.confine import Confinement, Plan
@@ -26,24 +27,6 @@ from tuxpilot.runtimes.settings import HostSettings
 from tuxpilot.settings import environment_of
 
 log = structlog.get_logger("tuxpilot.host")
-
-# Environment a plugin process keeps from the agent's; everything else is scrubbed.
-# The agent's own credentials never pass to a plugin.
-AGENT_SECRETS = frozenset(
-    {
-        "TUXPILOT_NATS_USER",
-        "TUXPILOT_NATS_PASSWORD",
-        "TUXPILOT_NATS_TOKEN",
-        "TUXPILOT_NATS_CREDS",
-        "TUXPILOT_NATS_USER_FILE",
-    }
-)
-# Set by the host itself: the plugin's own settings, not the host config's.
-HOST_SET = frozenset({"TUXPILOT_CONFIG", "TUXPILOT_PLUGINS"})
-KEEP_ENV = ("PATH", "LANG", "LC_ALL", "HOME", "TZ", "PYTHONPATH", "VIRTUAL_ENV", "DOCKER_HOST")
-# Connection settings a plugin shares with the agent; who it is (user, password…) it does not.
-NATS_SHARED = ("connect_timeout_s", "reconnect_wait_s", "max_reconnect_attempts", "request_timeout_s",
-               "pending_bytes", "tls_ca", "tls_cert", "tls_key")
 
 # Takes an event about a plugin (plugin.crash_loop, plugin.recovered…) to the bus.
 Report = Callable[[Event], Awaitable[None]]
@@ -124,27 +107,28 @@ class PluginHost(Part):
         env = {
             k: v
             for k, v in os.environ.items()
-            if (k in KEEP_ENV or k.startswith("TUXPILOT_")) and k not in AGENT_SECRETS | HOST_SET
+            if (k in launch.KEEP_ENV or k.startswith(launch.ENV_PREFIX))
+            and k not in launch.AGENT_SECRETS | launch.HOST_SET
         }
         user_file = self.credentials.get(plugin.name)
         if user_file is not None:
-            env["TUXPILOT_NATS_USER_FILE"] = str(user_file)
+            env[launch.NATS_USER_FILE] = str(user_file)
         nats = environment_of(self.config.nats, "nats")
-        env.update({k: v for k, v in nats.items() if k.removeprefix("TUXPILOT_NATS_").lower() in NATS_SHARED})
-        env.update(environment_of(self.config.streams, "streams"))
-        env.update(
+        env.update({k: v for k, v in nats.items() if k in {launch.env_name("nats", s) for s in launch.NATS_SHARED}})
+        env.update(environment_of(self.config.streams, launch.STREAMS_SECTION))
+        env.update({
             # A plugin reads no config file (it may not be able to, and should not read the agent's
             # credentials in it): everything it needs is here.
-            TUXPILOT_CONFIG=os.devnull,
-            TUXPILOT_PLUGINS=json.dumps({plugin.name: {"config": self.config.plugin(plugin.name).config}}),
-            TUXPILOT_NATS_URL=self.url,
-            TUXPILOT_HOST_ID=self.config.host_id,
-            TUXPILOT_STATE_DIR=str(self.config.state_dir),
-            TUXPILOT_SUBJECT_PREFIX=self.config.subject_prefix,
-            TUXPILOT_LOG_LEVEL=self.config.log.level,
-            TUXPILOT_LOG_FORMAT=self.config.log.format,
-            TUXPILOT_PLUGIN=plugin.name,
-        )
+            launch.CONFIG: os.devnull,
+            launch.PLUGINS: json.dumps({plugin.name: {"config": self.config.plugin(plugin.name).config}}),
+            launch.NATS_URL: self.url,
+            launch.HOST_ID: self.config.host_id,
+            launch.STATE_DIR: str(self.config.state_dir),
+            launch.SUBJECT_PREFIX: self.config.subject_prefix,
+            launch.LOG_LEVEL: self.config.log.level,
+            launch.LOG_FORMAT: self.config.log.format,
+            launch.PLUGIN: plugin.name,
+        })
         plan = plugin.plan
         if plan is not None and plan.account is not None:
             env["HOME"] = str(self.workdir(plugin))
