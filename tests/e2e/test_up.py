@@ -162,3 +162,66 @@ def test_a_plugin_process_with_a_bad_folder_or_config_says_so_in_one_line(tmp_pa
 
     done = subprocess.run(run, capture_output=True, text=True, env=env, timeout=30)
     assert done.returncode == 2 and "usage" in done.stderr
+
+
+def _called(up: Up, limit: float = 30) -> subprocess.CompletedProcess[str]:
+    """`tuxpilot call` of sysmon.top_processes, retried until it answers or `limit` passes."""
+    deadline = time.monotonic() + limit
+    while True:
+        done = up.cli("call", "up-host", "sysmon", "top_processes", '{"n": 1}')
+        if done.returncode == 0 or time.monotonic() > deadline:
+            return done
+        time.sleep(0.3)
+
+
+def _server(up: Up) -> psutil.Process:
+    [server] = [p for p in up.tree() if p.name() == "nats-server"]
+    return server
+
+
+def test_a_killed_embedded_server_is_reaped_and_restarted_on_its_store_and_port(up: Up) -> None:
+    assert _called(up).returncode == 0
+    emitted = up.cli("event", "emit", "cpu.high", "--value", "97")
+    assert emitted.returncode == 0, emitted.stderr
+    before = _server(up)
+    before.send_signal(signal.SIGKILL)
+
+    deadline = time.monotonic() + 30
+    while True:
+        servers = [p for p in up.tree() if p.name() == "nats-server" and p.status() != psutil.STATUS_ZOMBIE]
+        if servers and servers[0].pid != before.pid:
+            break
+        assert time.monotonic() < deadline, "the embedded server was not restarted"
+        time.sleep(0.1)
+    # Reaped: no <defunct> server left under the agent.
+    assert not psutil.pid_exists(before.pid) or psutil.Process(before.pid).ppid() != up.proc.pid
+    assert (up.state / "nats.url").read_text().strip() == up.url  # the same port
+
+    # Actions and events flow again, and what was stored before the crash is still there (the same store).
+    assert _called(up).returncode == 0
+    emitted = up.cli("event", "emit", "memory.high", "--value", "97")
+    assert emitted.returncode == 0, emitted.stderr
+    event_id = json.loads(emitted.stdout)["id"]
+    deadline = time.monotonic() + 30
+    while True:
+        audit = up.cli("audit", "--plugin", "sysmon", "--json")
+        records = json.loads(audit.stdout) if audit.returncode == 0 else []
+        # sysmon proposed for it and the gate decided (ok, or suppressed by the cooldown cpu.high started).
+        if any(r.get("event_id") == event_id and r["status"] in ("ok", "suppressed") for r in records):
+            break
+        assert time.monotonic() < deadline, f"no result for the event after the restart: {records}"
+        time.sleep(0.3)
+    state = json.loads(up.cli("status", "--json").stdout)
+    assert state["streams"]["tuxpilot_events"]["messages"] >= 2  # cpu.high from before the crash, memory.high
+
+
+def test_a_second_up_on_the_same_state_dir_is_refused_and_leaves_the_first_alone(up: Up) -> None:
+    second = subprocess.run([tuxpilot_exe(), "up"], capture_output=True, text=True, env=up.env, timeout=60)
+    assert second.returncode == 2
+    assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+    assert f"state dir {up.state} is in use by another agent (pid {up.proc.pid}" in second.stderr
+    assert "another state_dir" in second.stderr
+    # The first one's URL file is still there, and the first one still serves.
+    assert (up.state / "nats.url").read_text().strip() == up.url
+    assert _called(up).returncode == 0
+    assert up.proc.poll() is None

@@ -20,6 +20,7 @@ from nats.aio.msg import Msg
 
 from tuxpilot.agent.config import Config, load_config
 from tuxpilot.agent.gate import Gate
+from tuxpilot.agent.lock import state_dir_lock
 from tuxpilot.agent.monitor import Monitor, Reading
 from tuxpilot.agent.outbox import Outbox
 from tuxpilot.agent.registry import Registry
@@ -58,7 +59,8 @@ def local_plugins(config: Config) -> dict[str, tuple[Path, Manifest]]:
 
 @contextlib.asynccontextmanager
 async def embedded_server(cfg: Config, authorization: str) -> AsyncIterator[NatsServer]:
-    """The embedded nats-server on the state dir's store; its URL is in the state dir while it runs."""
+    """The embedded nats-server on the state dir's store, restarted on the same port and store whenever it
+    dies; its URL is in the state dir while it runs."""
     server = NatsServer(
         cfg.state_dir / "nats",
         host=cfg.embedded.host,
@@ -70,7 +72,8 @@ async def embedded_server(cfg: Config, authorization: str) -> AsyncIterator[Nats
     url_file = bus.url_file(cfg.state_dir)
     try:
         url_file.write_text(server.url + "\n")
-        yield server
+        async with background(server.supervise(cfg.embedded.ready_timeout_s), name="nats-server-supervisor"):
+            yield server
     finally:
         await asyncio.to_thread(server.stop)
         with contextlib.suppress(OSError):
@@ -162,10 +165,10 @@ class Agent:
     async def _start_parts(self, stack: contextlib.AsyncExitStack) -> None:
         cfg = self.config
         plugins = local_plugins(cfg) if self.run_plugins else {}
+        stack.enter_context(state_dir_lock(cfg.state_dir))  # before anything in the state dir is touched
         credentials: dict[str, Path] = {}
         nats_cfg = cfg.nats
         if self.embedded:
-            cfg.state_dir.mkdir(parents=True, exist_ok=True)
             authorization = ""
             if cfg.embedded.auth:
                 users = auth.users_for(self.subjects, {name: m for name, (_, m) in plugins.items()})

@@ -5,6 +5,7 @@ Used by `tuxpilot up` when no server is configured, by the benchmark, and by the
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -15,10 +16,18 @@ import time
 from collections import deque
 from pathlib import Path
 
+import structlog
+
 from tuxpilot.child import child_setup
 from tuxpilot.protocol.errors import TuxPilotError
 
+log = structlog.get_logger("tuxpilot.server")
+
 _LISTEN = re.compile(r"Listening for client connections on (\S+):(\d+)")
+# Restart delays of a supervised server that keeps dying: doubling from the first to the last.
+RESTART_BACKOFF_S = (0.1, 5.0)
+# Up this long after a restart: the next death starts the backoff over.
+HEALTHY_AFTER_S = 30.0
 
 
 def server_binary() -> str:
@@ -54,6 +63,7 @@ class NatsServer:
         self.output: deque[str] = deque(maxlen=200)
         self._proc: subprocess.Popen[str] | None = None
         self._ready = threading.Event()
+        self._halted = False  # stopped on purpose: a supervisor does not bring it back
 
     @property
     def url(self) -> str:
@@ -77,6 +87,7 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         conf = self.store_dir / "nats-server.conf"
         conf.write_text(self.config_text())
+        self._halted = False
         self._ready.clear()
         self._proc = subprocess.Popen(
             [server_binary(), "-c", str(conf)],
@@ -89,7 +100,7 @@ class NatsServer:
         threading.Thread(target=self._drain, args=(self._proc,), daemon=True, name="nats-server-log").start()
         if not self._ready.wait(timeout) or self._proc.poll() is not None:
             tail = "\n".join(list(self.output)[-10:])
-            self.stop()
+            self._terminate()
             raise TuxPilotError(f"nats-server did not become ready:\n{tail}", code="unavailable")
         return self
 
@@ -109,7 +120,11 @@ class NatsServer:
         return self._proc is not None and self._proc.poll() is None
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL if it lingers."""
+        """SIGTERM, then SIGKILL if it lingers; a supervisor leaves it stopped."""
+        self._halted = True
+        self._terminate(timeout)
+
+    def _terminate(self, timeout: float = 10.0) -> None:
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
             return
@@ -138,6 +153,37 @@ class NatsServer:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
+
+    async def supervise(self, ready_timeout: float = 10.0) -> None:
+        """Restart the server whenever it dies (reaping it first), on the same port and store dir, until
+        cancelled or stopped: a crashed embedded server is back, and every client reconnects to it."""
+        first, last = RESTART_BACKOFF_S
+        delay = 0.0
+        while True:
+            proc = self._proc
+            if proc is None:
+                return
+            up_since = time.monotonic()
+            code = await asyncio.to_thread(proc.wait)  # reaps it: no <defunct> server
+            if self._proc is not proc or self._halted:
+                return  # stopped on purpose
+            self._proc = None
+            if time.monotonic() - up_since > HEALTHY_AFTER_S:
+                delay = 0.0
+            log.error("nats_server.exited", pid=proc.pid, exit_code=code, port=self.port,
+                      last_output=list(self.output)[-3:])
+            while True:
+                delay = first if delay <= 0 else min(delay * 2, last)
+                await asyncio.sleep(delay)
+                if self._halted:
+                    return
+                try:
+                    await asyncio.to_thread(self.start, ready_timeout)
+                except (TuxPilotError, OSError) as exc:
+                    log.error("nats_server.restart_failed", port=self.port, error=str(exc)[:500], retry_in_s=delay)
+                    continue
+                log.warning("nats_server.restarted", pid=self.pid, port=self.port, store=str(self.store_dir))
+                break
 
     def __enter__(self) -> NatsServer:
         return self.start()
