@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from tuxpilot.bench import Tracker, percentile
-from tuxpilot.protocol.manifest import builtin_dir
+from tuxpilot.bench import Tracker, bench_plugin_dir, percentile
+from tuxpilot.protocol.manifest import builtin_dir, discover
 from tuxpilot.protocol.manifest import load as load_manifest
 
 RUN_KEYS = ("events", "results", "throughput_eps", "p50_ms", "p90_ms", "p99_ms", "max_ms")
@@ -54,8 +54,13 @@ async def test_tracker_keeps_the_window_and_counts_each_event_once() -> None:
     assert len(figures.latencies_ms) == 10
 
 
+def test_the_bench_plugin_is_not_a_built_in_plugin() -> None:
+    assert "noop" not in discover([builtin_dir()])
+    assert bench_plugin_dir().parent != builtin_dir()
+
+
 def test_noop_plugin_manifest() -> None:
-    manifest = load_manifest(builtin_dir() / "noop")
+    manifest = load_manifest(bench_plugin_dir())
     assert manifest.category == "development" and manifest.runtime == "python"
     assert [p.value for p in manifest.permissions] == ["filesystem_read"]
     assert manifest.subscribes == ["bench.*"]

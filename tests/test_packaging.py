@@ -32,6 +32,7 @@ def test_wheel_installs_and_finds_its_schemas_and_plugins(tmp_path: Path, wheel:
     listed = {p["name"]: p for p in json.loads(plugins.stdout)}
     assert "sysmon" in listed
     assert "/site-packages/tuxpilot/_data/plugins/" in listed["sysmon"]["path"]
+    assert "noop" not in listed  # the bench's plugin ships apart from the built-in ones
     # The package is `tuxpilot`; nothing installs a top-level module called `agent`.
     site = next((env_dir / "lib").glob("python3*/site-packages"))
     assert not (site / "agent").exists()

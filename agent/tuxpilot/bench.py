@@ -50,13 +50,18 @@ from tuxpilot.agent.registry import Registry
 from tuxpilot.bus import connect as bus
 from tuxpilot.bus.server import NatsServer
 from tuxpilot.log import setup as setup_logging
-from tuxpilot.protocol.manifest import builtin_dir
 from tuxpilot.protocol.manifest import load as load_manifest
 from tuxpilot.protocol.models import Event, new_id, now
 from tuxpilot.protocol.names import Names, Subjects
+from tuxpilot.protocol.resources import shipped
 from tuxpilot.runtimes.host import PluginHost, plugin_command
 
 BENCH_PLUGIN, BENCH_ACTION, BENCH_EVENT, BENCH_HOST = "noop", "echo", "bench.tick", "bench"
+
+
+def bench_plugin_dir() -> Path:
+    """The `noop` plugin's folder: the bench's own, not among the built-in plugins a host lists or runs."""
+    return shipped("benchmarks") / BENCH_PLUGIN
 BENCH_ID = "Bench-Id"  # the durable floor's correlation header: an event's id, carried hop to hop
 IDLE_S = 30.0
 SETTLE_S = 2.0  # after `up` is ready, before its memory and CPU are read: its plugins are starting
@@ -451,7 +456,7 @@ async def run_pipeline(base: Config, url: str, state_dir: Path, events: int, in_
                        server_pid: int | None = None, progress: Progress | None = None) -> Figures:
     config = pipeline_config(base, url, state_dir, f"tpbench-{new_id()[:8]}", in_flight)
     subjects = Subjects.of(config)
-    folder = builtin_dir() / BENCH_PLUGIN
+    folder = bench_plugin_dir()
     await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True)
     with (state_dir / f"{BENCH_PLUGIN}.log").open("wb") as plugin_log, _logs_to(state_dir / "gate.log", config):
         plugin = await asyncio.create_subprocess_exec(

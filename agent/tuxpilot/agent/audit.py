@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, get_args
 
 from nats.aio.client import Client
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from tuxpilot.protocol.errors import BadRequest
-from tuxpilot.protocol.models import now
+from tuxpilot.protocol.models import Status, now
 from tuxpilot.protocol.names import Names, Subjects
 
 _AGO = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
@@ -32,6 +32,17 @@ def parse_since(text: str) -> datetime:
     return when
 
 
+STATUSES: tuple[str, ...] = get_args(Status)
+# Each message of the listing must arrive within this long once the server said it is there.
+NEXT_MSG_TIMEOUT_S = 5.0
+
+
+def check_filters(status: str | None) -> None:
+    """Refuse a filter that can never match, instead of answering an empty trail."""
+    if status is not None and status not in STATUSES:
+        raise BadRequest(f"--status {status!r}: one of {', '.join(STATUSES)}")
+
+
 async def read(
     nc: Client,
     subjects: Subjects,
@@ -43,7 +54,13 @@ async def read(
     since: datetime | None = None,
     limit: int = 1000,
 ) -> list[dict[str, Any]]:
-    """The newest `limit` records matching the filters, oldest first."""
+    """The newest `limit` records matching the filters, oldest first.
+
+    Exact: the number of matching records is taken from the consumer right after it is created
+    (delivered so far + still pending: the push consumer may have delivered some already, so
+    `num_pending` alone can be 0 while records are on their way), and exactly that many are read.
+    """
+    check_filters(status)
     js = nc.jetstream()
     stream = Names.of(subjects).audit
     subject = f"{subjects.prefix}.result.{host}.{plugin}.{action}"
@@ -55,10 +72,9 @@ async def read(
     records: list[dict[str, Any]] = []
     try:
         info = await sub.consumer_info()
-        if info.num_pending == 0:
-            return records
-        while True:
-            msg = await sub.next_msg(timeout=2.0)
+        expected = (info.delivered.consumer_seq if info.delivered else 0) + (info.num_pending or 0)
+        for _ in range(expected):
+            msg = await sub.next_msg(timeout=NEXT_MSG_TIMEOUT_S)
             try:
                 doc = json.loads(msg.data)
             except ValueError:

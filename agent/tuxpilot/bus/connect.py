@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import nats
 import structlog
 from nats.aio.client import Client
+from nats.errors import Error as NatsError
 
+from tuxpilot.protocol.errors import Unavailable
 from tuxpilot.protocol.launch import CredentialFile
 from tuxpilot.protocol.models import Event
 from tuxpilot.protocol.names import MSG_ID_HEADER, Subjects, inbox_prefix
@@ -69,13 +72,29 @@ def _tls(cfg: NatsConfig) -> ssl.SSLContext | None:
 
 
 async def connect(
-    cfg: NatsConfig, url: str, *, name: str, on_reconnect: Callable[[], Awaitable[None]] | None = None
+    cfg: NatsConfig,
+    url: str,
+    *,
+    name: str,
+    on_reconnect: Callable[[], Awaitable[None]] | None = None,
+    give_up_after_s: float | None = None,
 ) -> Client:
-    """A connected client that reconnects by itself and logs every change of its link."""
+    """A connected client that reconnects by itself and logs every change of its link.
+
+    `give_up_after_s`: a command run by hand must not retry an unreachable server (or refused
+    credentials) forever: the first connection must be made within that time, else `Unavailable`
+    naming the URL and the last error, and nothing is logged while trying. Once connected, the
+    client reconnects as configured.
+    """
     blog = log.bind(conn=name)
+    first_errors: list[str] = []
 
     async def on_error(exc: Exception) -> None:
-        blog.warning("nats.error", error=f"{type(exc).__name__}: {exc}")
+        text = f"{type(exc).__name__}: {exc}".rstrip(": ")
+        if give_up_after_s is not None and not nc.is_connected and not first_done:
+            first_errors.append(text)
+            return
+        blog.warning("nats.error", error=text)
 
     async def on_disconnected() -> None:
         if not (nc.is_closed or nc.is_draining):  # a close we asked for is no news
@@ -91,7 +110,9 @@ async def connect(
     if cfg.user_file is not None:
         creds = CredentialFile.model_validate_json(cfg.user_file.read_text())
         user, password, inbox = creds.user, creds.password, creds.inbox_prefix
-    nc = await nats.connect(
+    nc = Client()
+    first_done = False
+    connecting = nc.connect(
         servers=[u.strip() for u in url.split(",") if u.strip()],
         name=name,
         user=user,
@@ -101,7 +122,7 @@ async def connect(
         user_credentials=str(cfg.creds) if cfg.creds else None,
         tls=_tls(cfg),
         connect_timeout=int(max(1, cfg.connect_timeout_s)),
-        reconnect_time_wait=cfg.reconnect_wait_s,
+        reconnect_time_wait=cfg.reconnect_wait_s,  # type: ignore[arg-type]  # annotated int, used as seconds
         max_reconnect_attempts=cfg.max_reconnect_attempts,
         allow_reconnect=True,
         pending_size=cfg.pending_bytes,
@@ -109,4 +130,17 @@ async def connect(
         disconnected_cb=on_disconnected,
         reconnected_cb=on_reconnected,
     )
+    if give_up_after_s is None:
+        await connecting
+        return nc
+    try:
+        await asyncio.wait_for(connecting, give_up_after_s)
+    except (TimeoutError, OSError, NatsError) as exc:
+        with contextlib.suppress(Exception):
+            await nc.close()
+        why = first_errors[-1] if first_errors else f"{type(exc).__name__}: {exc}".rstrip(": ")
+        if isinstance(exc, TimeoutError) and not first_errors:
+            why = f"no answer within {give_up_after_s:g} s"
+        raise Unavailable(f"cannot connect to NATS at {url}: {why}") from None
+    first_done = True
     return nc

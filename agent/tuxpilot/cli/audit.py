@@ -6,14 +6,18 @@ import json
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from tuxpilot.cli.common import (
+    EXIT_USAGE,
+    add_row,
     config_of,
     connect,
+    fail,
     out,
     run_async,
+    table,
 )
+from tuxpilot.protocol.errors import BadRequest
 from tuxpilot.protocol.names import Subjects
 
 
@@ -31,6 +35,10 @@ def audit(
     from tuxpilot.agent import audit as audit_trail
 
     config = config_of(ctx)
+    try:
+        audit_trail.check_filters(status)
+    except BadRequest as exc:
+        fail(exc.message, EXIT_USAGE)
 
     async def main() -> list[dict[str, Any]]:
         start = audit_trail.parse_since(since) if since else None
@@ -47,12 +55,12 @@ def audit(
     if as_json:
         out.print_json(json.dumps(records))
         return
-    table = Table("time", "host", "plugin.action", "status", "reason", "ms", "message")
+    grid = table("time", "host", "plugin.action", "status", "reason", "ms", "message")
     for r in records:
         ms = r.get("duration_ms")
-        table.add_row(
-            str(r.get("time", ""))[:19], str(r.get("host", "")), f"{r.get('plugin')}.{r.get('action')}",
+        add_row(
+            grid, str(r.get("time", ""))[:19], str(r.get("host", "")), f"{r.get('plugin')}.{r.get('action')}",
             str(r.get("status")), str(r.get("reason") or ""), f"{ms:.0f}" if isinstance(ms, int | float) else "",
             str(r.get("message") or "")[:80],
         )
-    out.print(table)
+    out.print(grid)

@@ -2,25 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import signal
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from tuxpilot.agent.app import plugin_dirs
+from tuxpilot.agent.config import Config
 from tuxpilot.bus.registry import live_instances
 from tuxpilot.cli.common import (
     EXIT_USAGE,
+    add_row,
     config_of,
     connect,
+    err,
     fail,
     out,
     run_async,
+    table,
 )
 from tuxpilot.protocol.errors import ConfigError
-from tuxpilot.protocol.manifest import discover
+from tuxpilot.protocol.manifest import Manifest, discover
+from tuxpilot.protocol.names import Subjects
+from tuxpilot.settings import NatsConfig, default_config_path
 
 app = typer.Typer(help="Plugins: list, run.", no_args_is_help=True)
 
@@ -33,6 +41,9 @@ def plugin_list(
 ) -> None:
     """The installed plugins (built-in and in plugin_dirs), with their actions and permissions."""
     config = config_of(ctx)
+    for folder in config.plugin_dirs:
+        if not folder.is_dir():
+            err.print(f"warning: plugin_dirs names {folder}, which is not a folder", markup=False)
     try:
         found = discover(plugin_dirs(config))
     except ConfigError as exc:
@@ -66,12 +77,14 @@ def plugin_list(
     if as_json:
         out.print_json(json.dumps(rows))
         return
-    table = Table("plugin", "version", "category", "runtime", "actions", "granted", *(["running"] if live else []))
+    # One name per line, so the table fits 80 columns (piped, or a narrow terminal) without cutting
+    # an action's name; `--json` has every field.
+    grid = table("plugin", "kind", "actions", "granted")
     for r in rows:
-        extra = [str(r["running"])] if live else []
-        cells = [r["name"], r["version"], r["category"], r["runtime"], ", ".join(r["actions"]), ", ".join(r["granted"])]
-        table.add_row(*cells, *extra)
-    out.print(table)
+        about = [r["name"], r["version"], *([f"{r['running']} running"] if live else [])]
+        add_row(grid, "\n".join(about), f"{r['category']}\n{r['runtime']}", "\n".join(r["actions"]),
+                "\n".join(r["granted"]))
+    out.print(grid)
 
 
 def _grant(ctx: typer.Context, name: str, permissions: list[str], *, revoke: bool) -> None:
@@ -90,11 +103,18 @@ def _grant(ctx: typer.Context, name: str, permissions: list[str], *, revoke: boo
     manifest = found[name][1]
     path = config_path(ctx.find_root().params.get("config")) or default_config_path()
     current = config.plugin(name).granted(manifest)
+    unchanged = [p for p in chosen if (p in current) != revoke]
+    if unchanged and len(unchanged) == len(chosen):
+        state = "was not granted" if revoke else "is already granted"
+        now_granted = ", ".join(sorted(p.value for p in current)) or "nothing"
+        out.print(f"{name}: {', '.join(p.value for p in unchanged)} {state}; nothing changed "
+                  f"(granted: {now_granted}; {path} left as it was)", markup=False)
+        return
     try:
         granted = edit_grants(path, manifest, current, add=[] if revoke else chosen, remove=chosen if revoke else [])
     except ConfigError as exc:
         fail(exc.message, EXIT_USAGE)
-    out.print(f"{name}: granted {', '.join(p.value for p in granted) or 'nothing'} (in {path})")
+    out.print(f"{name}: granted {', '.join(p.value for p in granted) or 'nothing'} (in {path})", markup=False)
 
 
 @app.command("grant")
@@ -121,4 +141,46 @@ def plugin_run(ctx: typer.Context, path: Path) -> None:
         plugin = load_plugin(path.resolve())
     except ConfigError as exc:
         fail(exc.message, EXIT_USAGE)
-    run_async(plugin.main(PluginProcessSettings.of(config)))
+    settings = PluginProcessSettings.of(config)
+    settings.nats = _plugin_nats(config, plugin.manifest)
+
+    async def main() -> None:
+        nc = await connect(settings, name=f"tuxpilot-plugin-{plugin.name}", credentials=settings.nats)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await plugin.start(nc, settings)
+            where = nc.connected_url.geturl() if nc.connected_url else ""
+            err.print(f"{plugin.name} {plugin.manifest.version} serving on {where} (Ctrl-C stops)", markup=False)
+            await stop.wait()
+        finally:
+            await plugin.stop()
+            with contextlib.suppress(Exception):
+                await nc.drain()
+
+    run_async(main())
+
+
+def _plugin_nats(config: Config, manifest: Manifest) -> NatsConfig:
+    """The credentials a plugin run by hand connects with: the configured ones, else the plugin's own
+    credential file that the local `tuxpilot up` wrote. Never the operator's: under the generated
+    authorization the operator may not serve actions or propose, and a plugin needs its own user."""
+    cfg = config.nats
+    if cfg.user or cfg.user_file or cfg.creds or cfg.token:
+        return cfg
+    from tuxpilot.bus import auth
+    from tuxpilot.bus import connect as bus
+
+    own = auth.credential_file(config.state_dir, auth.plugin_user(Subjects.of(config), manifest).name)
+    if own.is_file():
+        return cfg.model_copy(update={"user_file": own})
+    if bus.operator_file(config).is_file():  # a local `up` with authorization on, which does not know this plugin
+        fail(
+            f"the local `tuxpilot up` has no NATS user for plugin {manifest.name!r}: it makes one for each plugin "
+            f"it finds in plugin_dirs when it starts. Add the folder (or its parent) to plugin_dirs in "
+            f"{config.source or default_config_path()} and restart `tuxpilot up`",
+            EXIT_USAGE,
+        )
+    return cfg

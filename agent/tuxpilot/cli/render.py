@@ -8,36 +8,41 @@ from datetime import datetime
 from typing import Any
 
 from nats.aio.client import Client
+from rich.markup import escape
 
 from tuxpilot.cli.common import out
 
 
 def describe(subject: str, data: bytes) -> str:
-    """One line for an event, proposal or result seen on the bus."""
+    """One line (rich markup) for an event, proposal or result seen on the bus; what the message
+    carries is escaped, so a `[...]` in it is shown, not taken as markup."""
     try:
         doc = json.loads(data)
     except ValueError:
-        return f"{subject} (not JSON, {len(data)} bytes)"
+        return escape(f"{subject} (not JSON, {len(data)} bytes)")
     if not isinstance(doc, dict):
-        return f"{subject} {doc!r}"[:300]
+        return escape(f"{subject} {doc!r}"[:300])
     at = datetime.now().strftime("%H:%M:%S")
     kind = subject.split(".")[1] if subject.count(".") >= 1 else "?"
     if kind == "evt":
         figures = " ".join(f"{k}={doc[k]}" for k in ("value", "threshold", "resource") if doc.get(k) is not None)
-        return f"{at} [cyan]event[/]    {doc.get('host')} {doc.get('type')} {doc.get('severity')} {figures}"
+        what = f"{doc.get('host')} {doc.get('type')} {doc.get('severity')} {figures}"
+        return f"{at} [cyan]event[/]    {escape(what)}"
     if kind == "proposal":
-        acts = ", ".join(f"{a.get('plugin')}.{a.get('action')}" for a in doc.get("actions") or [])
-        return f"{at} [yellow]proposal[/] {doc.get('plugin')} → {acts} (event {str(doc.get('event_id'))[:8]})"
+        proposed = [a for a in doc.get("actions") or [] if isinstance(a, dict)]
+        acts = ", ".join(f"{a.get('plugin')}.{a.get('action')}" for a in proposed)
+        return f"{at} [yellow]proposal[/] " + escape(
+            f"{doc.get('plugin')} → {acts} (event {str(doc.get('event_id'))[:8]})"
+        )
     if kind == "result":
         colour = "green" if doc.get("status") == "ok" else "red"
         why = f" {doc['reason']}" if doc.get("reason") else ""
         ms = f" {doc['duration_ms']:.0f} ms" if isinstance(doc.get("duration_ms"), int | float) else ""
         msg = f" — {doc['message']}" if doc.get("message") else ""
-        return (
-            f"{at} [{colour}]result[/]   {doc.get('plugin')}.{doc.get('action')} "
-            f"[{colour}]{doc.get('status')}[/]{why}{ms}{msg}"
-        )
-    return f"{at} {subject} {json.dumps(doc)[:200]}"
+        what = escape(f"{doc.get('plugin')}.{doc.get('action')}")
+        tail = escape(f"{why}{ms}{msg}")
+        return f"{at} [{colour}]result[/]   {what} [{colour}]{escape(str(doc.get('status')))}[/]{tail}"
+    return escape(f"{at} {subject} {json.dumps(doc)[:200]}")
 
 
 async def follow(nc: Client, subjects: list[str], count: int | None, as_json: bool) -> None:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from tuxpilot.cli.common import (
     EXIT_USAGE,
+    add_row,
+    config_of,
     fail,
     out,
+    table,
 )
 from tuxpilot.protocol import schemas
+from tuxpilot.protocol.errors import ConfigError
 
 app = typer.Typer(help="The JSON Schemas that are the contract with plugins.", no_args_is_help=True)
 
@@ -20,18 +24,47 @@ app = typer.Typer(help="The JSON Schemas that are the contract with plugins.", n
 @app.command("list")
 def schema_list() -> None:
     """The schemas TuxPilot ships."""
-    table = Table("schema", "$id", "title")
+    grid = table("schema", "$id", "title")
     for name in schemas.SCHEMA_NAMES:
         doc = schemas.load(name)
-        table.add_row(name, doc["$id"], doc.get("title", ""))
-    out.print(table)
+        add_row(grid, name, doc["$id"], doc.get("title", ""))
+    out.print(grid)
 
 
 @app.command("show")
-def schema_show(name: str) -> None:
-    """Print one schema's JSON."""
+def schema_show(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="A schema (event, result, …) or an installed plugin's PLUGIN.ACTION.")],
+    result: Annotated[bool, typer.Option("--result", help="PLUGIN.ACTION: its result schema, not its params.")] = False,
+) -> None:
+    """Print one schema's JSON: a contract schema, or the params schema an installed plugin's action takes."""
+    if "." in name:
+        out.print_json(json.dumps(_action_schema(ctx, name, result=result)))
+        return
     try:
         doc = schemas.load(name)
     except KeyError as exc:
-        fail(str(exc.args[0]), EXIT_USAGE)
+        fail(f"{exc.args[0]}; or PLUGIN.ACTION for an action's params", EXIT_USAGE)
     out.print_json(json.dumps(doc))
+
+
+def _action_schema(ctx: typer.Context, name: str, *, result: bool) -> dict[str, Any]:
+    from tuxpilot.agent.app import plugin_dirs
+    from tuxpilot.protocol.manifest import discover
+
+    plugin, _, action = name.partition(".")
+    try:
+        found = discover(plugin_dirs(config_of(ctx)))
+    except ConfigError as exc:
+        fail(exc.message, EXIT_USAGE)
+    if plugin not in found:
+        fail(f"no plugin named {plugin!r} installed (installed: {', '.join(sorted(found)) or 'none'})", EXIT_USAGE)
+    manifest = found[plugin][1]
+    if action not in manifest.actions:
+        fail(f"{plugin} has no action {action!r} (it has: {', '.join(sorted(manifest.actions))})", EXIT_USAGE)
+    spec = manifest.actions[action]
+    if result:
+        if spec.result is None:
+            fail(f"{plugin}.{action} declares no result schema", EXIT_USAGE)
+        return spec.result
+    return spec.params

@@ -6,13 +6,15 @@ import json
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
+from rich.markup import escape
 
 from tuxpilot.cli.common import (
+    add_row,
     config_of,
     connect,
     out,
     run_async,
+    table,
 )
 from tuxpilot.protocol.names import Subjects
 
@@ -38,21 +40,23 @@ def status(
         return
     server = state["server"]
     out.print(
-        f"[green]connected[/] to {state['url']} ({server['name']}, nats-server {server['version']}, "
-        f"JetStream {'on' if server['jetstream'] else 'off'}), round trip {state['rtt_ms']:.1f} ms"
+        "[green]connected[/] to " + escape(
+            f"{state['url']} ({server['name']}, nats-server {server['version']}, "
+            f"JetStream {'on' if server['jetstream'] else 'off'}), round trip {state['rtt_ms']:.1f} ms"
+        )
     )
-    table = Table("stream", "messages", "bytes")
+    grid = table("stream", "messages", "bytes")
     for name, figures in state["streams"].items():
-        table.add_row(name, str(figures.get("messages", "-")), str(figures.get("bytes", figures.get("error", ""))))
-    out.print(table)
-    table = Table("consumer", "stream", "pending", "ack pending", "redelivered")
+        add_row(grid, name, str(figures.get("messages", "-")), str(figures.get("bytes", figures.get("error", ""))))
+    out.print(grid)
+    grid = table("consumer", "stream", "pending", "ack pending", "redelivered")
     for c in state["consumers"]:
-        table.add_row(c["name"], c["stream"], str(c["pending"]), str(c["ack_pending"]), str(c["redelivered"]))
-    out.print(table)
-    table = Table("plugin (host.name)", "version", "running instances", "running as")
+        add_row(grid, c["name"], c["stream"], str(c["pending"]), str(c["ack_pending"]), str(c["redelivered"]))
+    out.print(grid)
+    grid = table("plugin (host.name)", "version", "running instances", "running as")
     for key, version in sorted(state["registered"].items()):
         host, name = key.split(".", 1)
         instances = [r for r in state["running"] if r["plugin"] == name and r["host"] == host]
         users = sorted({str(r.get("user") or "?") for r in instances})
-        table.add_row(key, str(version), str(len(instances)), ", ".join(users))
-    out.print(table)
+        add_row(grid, key, str(version), str(len(instances)), ", ".join(users))
+    out.print(grid)

@@ -147,12 +147,19 @@ def builtin_dir() -> Path:
 
 
 def discover(dirs: list[Path]) -> dict[str, tuple[Path, Manifest]]:
-    """Plugin folders (those holding a plugin.toml) under each of `dirs`, by plugin name; first wins."""
+    """Plugin folders (those holding a plugin.toml) under each of `dirs`, by plugin name; first wins.
+
+    An entry of `dirs` that is itself a plugin folder is that one plugin (operators point at the
+    folder they just wrote as often as at its parent)."""
     found: dict[str, tuple[Path, Manifest]] = {}
     for base in dirs:
         if not base.is_dir():
             continue
-        for folder in sorted(p for p in base.iterdir() if (p / MANIFEST_FILE).is_file()):
+        if (base / MANIFEST_FILE).is_file():
+            folders = [base]
+        else:
+            folders = [p for p in base.iterdir() if (p / MANIFEST_FILE).is_file()]
+        for folder in sorted(folders):
             manifest = load(folder)
             found.setdefault(manifest.name, (folder, manifest))
     return found
