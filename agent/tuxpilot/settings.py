@@ -47,6 +47,7 @@ class Section(BaseModel):
 
 
 Seconds = Annotated[float, Field(gt=0)]
+PerSubject = Annotated[int, Field(ge=1)]
 
 
 class NatsConfig(Section):
@@ -85,14 +86,35 @@ class StreamsConfig(Section):
     duplicate_window_s: Seconds = 120.0
     events_max_age_s: Seconds = 24 * 3600.0
     events_max_bytes: int = 256 * 1024 * 1024
+    events_max_msgs_per_subject: PerSubject = Field(
+        10_000, description="Events kept per subject (host, category, name); the oldest of that subject go first."
+    )
     proposals_max_age_s: Seconds = 24 * 3600.0
     proposals_max_bytes: int = 256 * 1024 * 1024
+    proposals_max_msgs_per_subject: PerSubject = Field(
+        10_000, description="Proposals kept per subject; the oldest of that subject go first."
+    )
     audit_max_age_s: Seconds = 30 * 24 * 3600.0
     audit_max_bytes: int = 1024 * 1024 * 1024
+    audit_max_msgs_per_subject: PerSubject = Field(
+        50_000,
+        description="Audit records kept per subject (host, plugin, action): a flood on one subject evicts "
+        "only that subject's oldest records.",
+    )
     max_deliver: Annotated[int, Field(ge=1)] = Field(5, description="Deliveries of one event to a plugin.")
     ack_wait_s: Seconds = Field(30.0, description="An event neither acked nor naked in this time is redelivered.")
     backoff_s: list[Seconds] = Field([1.0, 5.0, 15.0, 30.0], description="Redelivery delays after failures.")
     executions_ttl_s: Seconds = Field(7 * 24 * 3600.0, description="How long executed action ids are kept.")
+    executions_max_bytes: Annotated[int, Field(ge=1024 * 1024)] = Field(
+        256 * 1024 * 1024, description="Size of the executions bucket; when full, the oldest claims go first."
+    )
+    cooldowns_max_age_s: Seconds = Field(
+        7 * 24 * 3600.0,
+        description="The longest a cooldown is kept across a restart; each key expires after its own cooldown.",
+    )
+    cooldowns_max_bytes: Annotated[int, Field(ge=1024 * 1024)] = Field(
+        64 * 1024 * 1024, description="Size of the cooldowns bucket; when full, the oldest keys go first."
+    )
 
     @model_validator(mode="after")
     def _backoff_fits(self) -> Self:

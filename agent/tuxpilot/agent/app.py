@@ -41,6 +41,8 @@ log = structlog.get_logger("tuxpilot.agent")
 # Dead letters are filed under tuxpilot.result.<host>.<plugin>.on_event.
 DEAD_LETTER_ACTION = "on_event"
 CONFIG_POLL_S = 1.0
+# SIGTERM or Ctrl-C ends the process within this, whatever it was waiting for.
+STOP_LIMIT_S = 8.0
 
 
 def plugin_dirs(config: Config) -> list[Path]:
@@ -315,16 +317,37 @@ class Agent:
         log.info("agent.stopped", host=self.config.host_id)
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
-        """Start, run until SIGINT or SIGTERM, stop."""
+        """Start, run until SIGINT or SIGTERM, stop. A signal during start-up stops it there: whatever
+        start-up waits for (a slow or frozen server), the process ends within `STOP_LIMIT_S`."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        starting = asyncio.create_task(self.start(), name="agent-start")
+        stopping = asyncio.create_task(stop.wait(), name="agent-stop-signal")
         try:
-            await self.start()
-            if ready is not None:
-                ready.set()
-            await stop.wait()
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if starting.done():
+                starting.result()  # a failed start raises here
+                if ready is not None:
+                    ready.set()
+                await stopping
+            else:
+                log.warning("agent.start_interrupted", host=self.config.host_id)
+                starting.cancel()
+                # Bounded: a part of start-up in a thread cannot be cancelled, only left behind.
+                await asyncio.wait({starting}, timeout=1.0)
         finally:
-            await self.stop()
+            stopping.cancel()
+            await self._stop_within(STOP_LIMIT_S)
+
+    async def _stop_within(self, limit: float) -> None:
+        try:
+            await asyncio.wait_for(self.stop(), limit)
+        except TimeoutError:
+            # Parts that did not stop in time are left to die with us; the embedded server gets a
+            # SIGKILL (its store is fsynced every second), plugins their parent-death signal.
+            log.error("agent.stop_timeout", host=self.config.host_id, limit_s=limit)
+            if self.server is not None:
+                self.server.kill()

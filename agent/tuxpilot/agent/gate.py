@@ -44,6 +44,7 @@ RECORD_ATTEMPTS = 10
 RESEND_ATTEMPTS = 3
 UNAVAILABLE_RETRY_S = 0.1
 LINK_POLL_S = 0.2
+COOLDOWNS_CACHED = 100_000
 
 
 class Stop(Exception):
@@ -208,7 +209,6 @@ class Gate(Part):
         js = self.nc.jetstream()
         await ensure_streams(js, self.subjects, self.config.streams, update=False)
         await self.ledger.start()
-        self.cooldowns.last.update(await self.ledger.load_cooldowns())
         self.consumer = Durable(
             js,
             stream=Names.of(self.subjects).proposals,
@@ -326,11 +326,17 @@ class Gate(Part):
     async def claim_cooldown(self, key: str, pause: float) -> None:
         if pause <= 0:
             return
+        if key not in self.cooldowns.last:  # memory is a cache of the bucket: asked per key, never listed
+            since = await self.ledger.cooldown_since(key)
+            if since is not None:
+                self.cooldowns.last.setdefault(key, since)
         at = time.time()  # wall clock: the time is kept across restarts
         wait = self.cooldowns.claim(key, at, pause)
         if wait is not None:
             raise Stop("suppressed", "cooldown", f"in cooldown for another {wait:.1f} s")
-        await self.ledger.save_cooldown(key, at)
+        if len(self.cooldowns.last) > COOLDOWNS_CACHED:  # forgetting one only costs a lookup
+            del self.cooldowns.last[next(iter(self.cooldowns.last))]
+        await self.ledger.save_cooldown(key, at, pause)
 
     async def execute(self, action: ProposedAction, aid: str, event_id: str, spec: ActionSpec) -> Result:
         """Request the owning plugin's endpoint; map silence and refusals to results.

@@ -4,33 +4,33 @@ An action id is claimed with an atomic `create` before the action runs, so a red
 a restarted agent or two agents racing never execute the same action twice. An action whose
 claim exists but whose outcome never arrived (the agent died mid-action) is not run again: for
 remediation, at most once is the safe side. Cooldown times are written through to KV so they
-survive a restart.
+survive a restart; each key expires with its cooldown (a per-message TTL), and a restarted gate
+looks keys up one at a time as proposals need them, never by listing the bucket.
 """
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
 import json
+import math
 import time
 from collections import OrderedDict
 from typing import Any
 
 import structlog
 from nats.aio.client import Client
-from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from tuxpilot.bus.streams import bucket
+from tuxpilot.bus.streams import bounded_bucket
 from tuxpilot.protocol.models import Result, new_id
-from tuxpilot.protocol.names import Names, Subjects
+from tuxpilot.protocol.names import Names, Subjects, cooldown_key
 from tuxpilot.settings import StreamsConfig
 
 log = structlog.get_logger("tuxpilot.ledger")
 
-
-def _kv_key(text: str) -> str:
-    # KV keys allow only [-/_=.a-zA-Z0-9]; resources ("/var/lib", container names) need not.
-    return hashlib.sha256(text.encode()).hexdigest()[:40]
+# A KV lookup or write the gate waits for; beyond it the gate goes on without (and says so).
+KV_TIMEOUT_S = 2.0
 
 
 # Claims this process made, remembered to tell "my create's ack was lost" from "someone else's".
@@ -49,10 +49,15 @@ class Ledger:
         self.cooldowns: KeyValue | None = None
 
     async def start(self) -> None:
-        js = self.nc.jetstream()
-        ttl, replicas = self.cfg.executions_ttl_s, self.cfg.replicas
-        self.executions = await bucket(js, self.names.executions, ttl=ttl, replicas=replicas)
-        self.cooldowns = await bucket(js, self.names.cooldowns, replicas=self.cfg.replicas)
+        js, cfg = self.nc.jetstream(), self.cfg
+        self.executions = await bounded_bucket(
+            js, self.names.executions, max_age=cfg.executions_ttl_s, max_bytes=cfg.executions_max_bytes,
+            replicas=cfg.replicas, what="TuxPilot: action ids the gates claimed, and their outcome",
+        )
+        self.cooldowns = await bounded_bucket(
+            js, self.names.cooldowns, max_age=cfg.cooldowns_max_age_s, max_bytes=cfg.cooldowns_max_bytes,
+            replicas=cfg.replicas, what="TuxPilot: when each action last ran on each resource, per host",
+        )
 
     async def claim(self, action_id: str) -> dict[str, Any] | None:
         """Claim `action_id`; None when the claim is new (or ours, its ack lost), else the earlier record."""
@@ -79,23 +84,29 @@ class Ledger:
         record = {"state": "done", "at": time.time(), "status": result.status, "host": self.subjects.host}
         await self.nc.publish(f"$KV.{self.names.executions}.{action_id}", json.dumps(record).encode())
 
-    async def load_cooldowns(self) -> dict[str, float]:
-        """Every cooldown key's last run (wall-clock seconds)."""
+    async def cooldown_since(self, key: str) -> float | None:
+        """When the action of cooldown `key` last ran on this host (wall clock), if its cooldown is still kept."""
         assert self.cooldowns is not None
-        found: dict[str, float] = {}
+        kv_key = cooldown_key(self.subjects.host, key)
         try:
-            keys = await self.cooldowns.keys()
-        except Exception:  # an empty bucket says "no keys found" by raising
-            return found
-        for key in keys:
-            try:
-                entry = await self.cooldowns.get(key)
-                doc = json.loads(entry.value or b"{}")
-                found[doc["key"]] = float(doc["at"])
-            except Exception as exc:
-                log.warning("ledger.bad_cooldown", key=key, error=str(exc))
-        return found
+            entry = await asyncio.wait_for(self.cooldowns.get(kv_key), KV_TIMEOUT_S)
+        except KeyNotFoundError:  # never ran, or its TTL expired
+            return None
+        except Exception as exc:  # the server is slow or away: pace from memory only
+            log.warning("ledger.cooldown_unreadable", key=key, error=f"{type(exc).__name__}: {exc}"[:200])
+            return None
+        try:
+            doc = json.loads(entry.value or b"{}")
+            return float(doc["at"]) if doc.get("key") == key else None
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ledger.bad_cooldown", key=key, error=str(exc)[:200])
+            return None
 
-    async def save_cooldown(self, key: str, at: float) -> None:
-        assert self.cooldowns is not None
-        await self.cooldowns.put(_kv_key(key), json.dumps({"key": key, "at": at}).encode())
+    async def save_cooldown(self, key: str, at: float, keep_s: float) -> None:
+        """Write through; the key expires `keep_s` after `at` (whole seconds, at least one: the TTL's unit)."""
+        subject = f"$KV.{self.names.cooldowns}.{cooldown_key(self.subjects.host, key)}"
+        body = json.dumps({"key": key, "at": at}).encode()
+        try:
+            await self.nc.jetstream().publish(subject, body, msg_ttl=max(1, math.ceil(keep_s)), timeout=KV_TIMEOUT_S)
+        except Exception as exc:  # memory still paces this process; only a restart would forget it
+            log.warning("ledger.cooldown_unsaved", key=key, error=f"{type(exc).__name__}: {exc}"[:200])

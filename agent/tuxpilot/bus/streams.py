@@ -11,7 +11,8 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.client import KV_STREAM_TEMPLATE
+from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
 from tuxpilot.bus.consumer import Durable, Handler
@@ -22,7 +23,11 @@ from tuxpilot.settings import StreamsConfig
 log = structlog.get_logger("tuxpilot.streams")
 
 
-def _stream(name: str, subject: str, max_age: float, max_bytes: int, what: str, cfg: StreamsConfig) -> StreamConfig:
+def _stream(
+    name: str, subject: str, max_age: float, max_bytes: int, per_subject: int, what: str, cfg: StreamsConfig
+) -> StreamConfig:
+    # Every subject carries its publisher (host, plugin or category) in its tokens, so a per-subject
+    # limit makes a flood on one subject evict that subject's oldest messages, not everyone's.
     return StreamConfig(
         name=name,
         subjects=[subject],
@@ -32,6 +37,7 @@ def _stream(name: str, subject: str, max_age: float, max_bytes: int, what: str, 
         discard=DiscardPolicy.OLD,
         max_age=max_age,
         max_bytes=max_bytes,
+        max_msgs_per_subject=per_subject,
         num_replicas=cfg.replicas,
         duplicate_window=cfg.duplicate_window_s,
     )
@@ -40,12 +46,21 @@ def _stream(name: str, subject: str, max_age: float, max_bytes: int, what: str, 
 def stream_configs(subjects: Subjects, cfg: StreamsConfig) -> list[StreamConfig]:
     names, p = Names.of(subjects), subjects.prefix
     return [
-        _stream(names.events, f"{p}.evt.>", cfg.events_max_age_s, cfg.events_max_bytes, "TuxPilot events", cfg),
+        _stream(
+            names.events,
+            f"{p}.evt.>",
+            cfg.events_max_age_s,
+            cfg.events_max_bytes,
+            cfg.events_max_msgs_per_subject,
+            "TuxPilot events",
+            cfg,
+        ),
         _stream(
             names.proposals,
             f"{p}.proposal.>",
             cfg.proposals_max_age_s,
             cfg.proposals_max_bytes,
+            cfg.proposals_max_msgs_per_subject,
             "TuxPilot proposals, consumed by each host's gate",
             cfg,
         ),
@@ -54,6 +69,7 @@ def stream_configs(subjects: Subjects, cfg: StreamsConfig) -> list[StreamConfig]
             f"{p}.result.>",
             cfg.audit_max_age_s,
             cfg.audit_max_bytes,
+            cfg.audit_max_msgs_per_subject,
             "TuxPilot audit trail: every gate decision and action outcome",
             cfg,
         ),
@@ -79,11 +95,42 @@ async def ensure_streams(js: JetStreamContext, subjects: Subjects, cfg: StreamsC
         log.debug("streams.ready", stream=config.name)
 
 
-async def bucket(js: JetStreamContext, name: str, *, ttl: float | None = None, replicas: int = 1) -> KeyValue:
+def bucket_config(
+    name: str, *, max_age: float, max_bytes: int, replicas: int = 1, what: str = ""
+) -> StreamConfig:
+    """A KV bucket's stream with TuxPilot's bounds: an age, a size, per-message TTLs allowed.
+
+    When full it drops its oldest keys (discard old) instead of refusing new writes: a bucket that
+    one plugin's flood filled must not stop the gate from claiming or pacing anyone's actions.
+    """
+    return StreamConfig(
+        name=KV_STREAM_TEMPLATE.format(bucket=name),
+        description=what,
+        subjects=[f"$KV.{name}.>"],
+        storage=StorageType.FILE,
+        retention=RetentionPolicy.LIMITS,
+        discard=DiscardPolicy.OLD,
+        max_age=max_age,
+        max_bytes=max_bytes,
+        max_msgs_per_subject=1,
+        allow_rollup_hdrs=True,
+        allow_msg_ttl=True,
+        deny_delete=True,
+        num_replicas=replicas,
+        duplicate_window=min(120.0, max_age),
+    )
+
+
+async def bounded_bucket(
+    js: JetStreamContext, name: str, *, max_age: float, max_bytes: int, replicas: int = 1, what: str = ""
+) -> KeyValue:
+    """Create the bucket, or bring an existing one (perhaps from an older version) to these bounds."""
+    config = bucket_config(name, max_age=max_age, max_bytes=max_bytes, replicas=replicas, what=what)
     try:
-        return await js.key_value(name)
-    except (BucketNotFoundError, NotFoundError):
-        return await js.create_key_value(bucket=name, history=1, ttl=ttl, replicas=replicas)
+        await js.add_stream(config)
+    except BadRequestError:
+        await js.update_stream(config)
+    return await js.key_value(name)
 
 
 def plugin_consumer(

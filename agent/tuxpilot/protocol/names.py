@@ -4,6 +4,7 @@ all take their names from here; `docs/protocol.md` describes the same facts for 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -83,6 +84,12 @@ class Names:
 def plugin_consumer_name(plugin: str, host: str) -> str:
     """The durable consumer one plugin's replicas share on one host."""
     return f"{plugin}-{host}"
+
+
+def cooldown_key(host: str, key: str) -> str:
+    """A cooldown's key in the cooldowns bucket: per host, the (plugin.action:resource) key hashed, since
+    KV keys allow only `[-/_=.a-zA-Z0-9]` and resources ("/var/lib", container names) need not."""
+    return f"{host}.{hashlib.sha256(key.encode()).hexdigest()[:40]}"
 
 
 def inbox_prefix(user: str) -> str:
