@@ -18,7 +18,7 @@ from tuxpilot.protocol.names import Subjects
 from tuxpilot.settings import NatsConfig, StreamsConfig
 
 from tests.conftest import tuxpilot_exe
-from tests.e2e.test_up import Up
+from tests.e2e.test_up import Up, wait_gone
 
 pytestmark = pytest.mark.slow
 
@@ -97,3 +97,21 @@ def test_a_signal_ends_a_start_up_stalled_on_a_frozen_server(tmp_path: Path, sig
             agent.wait()
         os.kill(server.pid, signal.SIGCONT)
         server.stop()
+
+
+def test_sigterm_with_the_embedded_server_frozen_ends_up_and_everything_it_started(tmp_path: Path) -> None:
+    # Every part's stop waits on the frozen server (drain, plugins' own drains): the stop limit ends it.
+    up = Up(tmp_path / "state")
+    try:
+        children = up.tree()
+        (server,) = [p for p in children if "nats-server" in " ".join(p.cmdline())]
+        server.suspend()
+        signalled = time.monotonic()
+        up.proc.send_signal(signal.SIGTERM)
+        up.proc.wait(timeout=15)
+        print(f"exit_s={time.monotonic() - signalled:.2f} rc={up.proc.returncode}")
+        assert wait_gone(children) == [], "processes left behind"
+    finally:
+        if up.proc.poll() is None:
+            up.proc.kill()
+            up.proc.wait()

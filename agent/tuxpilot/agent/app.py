@@ -9,11 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import psutil
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -43,6 +46,7 @@ DEAD_LETTER_ACTION = "on_event"
 CONFIG_POLL_S = 1.0
 # SIGTERM or Ctrl-C ends the process within this, whatever it was waiting for.
 STOP_LIMIT_S = 8.0
+EXIT_FORCED = 1
 
 
 def plugin_dirs(config: Config) -> list[Path]:
@@ -317,12 +321,22 @@ class Agent:
         log.info("agent.stopped", host=self.config.host_id)
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
-        """Start, run until SIGINT or SIGTERM, stop. A signal during start-up stops it there: whatever
-        start-up waits for (a slow or frozen server), the process ends within `STOP_LIMIT_S`."""
+        """Start, run until SIGINT or SIGTERM, stop. A signal during start-up stops it there, and the
+        process ends within `STOP_LIMIT_S` of the first signal whatever it waits for (a slow or frozen
+        server, a plugin that ignores SIGTERM); a second signal ends it at once."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        watchdog = threading.Timer(STOP_LIMIT_S, self._force_exit, args=("stop_limit",))
+        watchdog.daemon = True
+
+        def on_signal() -> None:
+            if stop.is_set():
+                self._force_exit("second_signal")
+            stop.set()
+            watchdog.start()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         starting = asyncio.create_task(self.start(), name="agent-start")
         stopping = asyncio.create_task(stop.wait(), name="agent-stop-signal")
@@ -335,19 +349,19 @@ class Agent:
                 await stopping
             else:
                 log.warning("agent.start_interrupted", host=self.config.host_id)
-                starting.cancel()
-                # Bounded: a part of start-up in a thread cannot be cancelled, only left behind.
-                await asyncio.wait({starting}, timeout=1.0)
+                starting.cancel()  # start-up stops the parts it had started, in reverse
+                await asyncio.wait({starting})
         finally:
             stopping.cancel()
-            await self._stop_within(STOP_LIMIT_S)
+            await self.stop()
+            watchdog.cancel()
 
-    async def _stop_within(self, limit: float) -> None:
-        try:
-            await asyncio.wait_for(self.stop(), limit)
-        except TimeoutError:
-            # Parts that did not stop in time are left to die with us; the embedded server gets a
-            # SIGKILL (its store is fsynced every second), plugins their parent-death signal.
-            log.error("agent.stop_timeout", host=self.config.host_id, limit_s=limit)
-            if self.server is not None:
-                self.server.kill()
+    def _force_exit(self, why: str) -> None:
+        """End the process now (from the watchdog thread or a second signal): what did not stop in time is
+        killed, children first, so nothing is left behind."""
+        log.error("agent.stop_forced", host=self.config.host_id, why=why, limit_s=STOP_LIMIT_S)
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
+        os._exit(EXIT_FORCED)
