@@ -23,6 +23,7 @@ from nats.aio.msg import Msg
 
 from tuxpilot.agent.config import Config, load_config
 from tuxpilot.agent.gate import Gate
+from tuxpilot.agent.handrun import HandRun
 from tuxpilot.agent.lock import state_dir_lock
 from tuxpilot.agent.monitor import Monitor, Reading
 from tuxpilot.agent.outbox import Outbox
@@ -150,6 +151,7 @@ class Agent:
         self.nc: Client | None = None
         self.registry: Registry | None = None
         self.gate: Gate | None = None
+        self.handrun: HandRun | None = None
         self.monitor: Monitor | None = None
         self.host: PluginHost | None = None
         self.url: str = ""
@@ -211,6 +213,8 @@ class Agent:
         )
         self.registry = await stack.enter_async_context(Registry(nc, self.subjects))
         self.gate = await stack.enter_async_context(Gate(nc, cfg, self.registry))
+        self.handrun = HandRun(nc, cfg, self.server, plugins)  # `tuxpilot plugin run` asks it to load a folder
+        await stack.enter_async_context(subscription(nc, self.handrun.subject, self.handrun.handle))
         if cfg.monitor.enabled:
             self.monitor = await stack.enter_async_context(
                 Monitor(cfg.monitor, cfg.host_id, self._publish_event, self._publish_metrics, reader=self.reader)

@@ -63,6 +63,9 @@ def agent_user(subjects: Subjects) -> User:
             f"{p}.metrics.{h}",
             f"{p}.act.{h}.>",
             f"{p}.result.{h}.>",
+            # Replies to its operator's requests: allow_responses alone is not enough there, the server
+            # forgets which replies it allowed when it reloads the authorization, as loading a plugin does.
+            f"{inbox_prefix(operator_name(subjects))}.>",
             "$JS.API.>",  # streams, consumers and buckets for this host's TuxPilot
             "$JS.ACK.>",
             "$JS.FC.>",  # flow-control replies: without them a KV watch or listing stalls
@@ -74,8 +77,10 @@ def agent_user(subjects: Subjects) -> User:
             f"{p}.evt.{h}.>",
             f"{p}.proposal.{h}",
             f"{p}.result.{h}.>",
+            subjects.agent_control("*"),  # the operator's requests to this agent (loading a plugin run by hand)
             "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>",
         ],
+        allow_responses=True,  # it answers the requests it may receive, and only those
     )
 
 
@@ -103,8 +108,12 @@ def plugin_user(subjects: Subjects, manifest: Manifest) -> User:
     return User(name=name, role="plugin", publish=publish, subscribe=subscribe, allow_responses=True, plugin=n)
 
 
+def operator_name(subjects: Subjects) -> str:
+    return f"tuxpilot-{subjects.host}-operator"
+
+
 def operator_user(subjects: Subjects) -> User:
-    p, name = subjects.prefix, f"tuxpilot-{subjects.host}-operator"
+    p, name = subjects.prefix, operator_name(subjects)
     read_js = [
         "$JS.API.INFO",
         "$JS.API.STREAM.INFO.>",
@@ -123,7 +132,7 @@ def operator_user(subjects: Subjects) -> User:
     return User(
         name=name,
         role="operator",
-        publish=[f"{p}.act.>", f"{p}.evt.>", "$SRV.>", *read_js],
+        publish=[f"{p}.act.>", f"{p}.evt.>", subjects.agent_control("*"), "$SRV.>", *read_js],
         subscribe=[f"{inbox_prefix(name)}.>", f"{p}.evt.>", f"{p}.result.>", f"{p}.metrics.>", f"{p}.proposal.>"],
     )
 

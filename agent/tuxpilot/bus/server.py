@@ -9,6 +9,7 @@ import asyncio
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sysconfig
 import threading
@@ -61,6 +62,7 @@ class NatsServer:
         self.max_payload = max_payload
         self.extra_config = extra_config
         self.output: deque[str] = deque(maxlen=200)
+        self._lines = 0  # lines ever read, so a reload can tell which lines came after its signal
         self._proc: subprocess.Popen[str] | None = None
         self._ready = threading.Event()
         self._halted = False  # stopped on purpose: a supervisor does not bring it back
@@ -109,12 +111,33 @@ class NatsServer:
         assert proc.stderr is not None
         for line in proc.stderr:
             self.output.append(line.rstrip())
+            self._lines += 1
             if not self._ready.is_set():
                 m = _LISTEN.search(line)
                 if m:
                     self.port = int(m.group(2))
                 if "Server is ready" in line:
                     self._ready.set()
+
+    def reload(self, extra_config: str, timeout: float = 10.0) -> None:
+        """Rewrite the config with `extra_config` (e.g. a grown `authorization` block) and have the running
+        server apply it (SIGHUP): connected clients stay connected. A restart after this keeps it."""
+        if self._proc is None or self._proc.poll() is not None:
+            raise TuxPilotError("nats-server is not running", code="unavailable")
+        self.extra_config = extra_config
+        (self.store_dir / "nats-server.conf").write_text(self.config_text())
+        seen = self._lines
+        self._proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            new = self._lines - seen
+            recent = list(self.output)[-new:] if new else []
+            if any("Reloaded server configuration" in line for line in recent):
+                return
+            if any("Failed to reload" in line or "[ERR]" in line for line in recent):
+                raise TuxPilotError(f"nats-server refused the new config: {recent[-1]}", code="internal")
+            time.sleep(0.02)
+        raise TuxPilotError("nats-server did not confirm the config reload", code="unavailable")
 
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None

@@ -15,6 +15,9 @@ from tuxpilot.agent.app import plugin_dirs
 from tuxpilot.agent.config import Config
 from tuxpilot.bus.registry import live_instances
 from tuxpilot.cli.common import (
+    EXIT_FAILED,
+    EXIT_TIMEOUT,
+    EXIT_UNAVAILABLE,
     EXIT_USAGE,
     add_row,
     config_of,
@@ -26,7 +29,7 @@ from tuxpilot.cli.common import (
     table,
 )
 from tuxpilot.protocol.errors import ConfigError
-from tuxpilot.protocol.manifest import Manifest, discover
+from tuxpilot.protocol.manifest import discover
 from tuxpilot.protocol.names import Subjects
 from tuxpilot.settings import NatsConfig, default_config_path
 
@@ -90,7 +93,7 @@ def plugin_list(
 def _grant(ctx: typer.Context, name: str, permissions: list[str], *, revoke: bool) -> None:
     from tuxpilot.agent.config import edit_grants
     from tuxpilot.protocol.manifest import Permission
-    from tuxpilot.settings import config_path, default_config_path
+    from tuxpilot.settings import config_path
 
     config = config_of(ctx)
     found = discover(plugin_dirs(config))
@@ -132,19 +135,24 @@ def plugin_revoke(ctx: typer.Context, name: str, permissions: list[str]) -> None
 
 @app.command("run")
 def plugin_run(ctx: typer.Context, path: Path) -> None:
-    """Run the Python plugin in folder PATH against the configured (or local `up`) server."""
+    """Run the Python plugin in folder PATH against the configured (or local `up`) server.
+
+    Against a local `tuxpilot up`, the agent first loads the folder's manifest itself and gives the
+    plugin a NATS user of its own (asked as the operator); with configured credentials, those are used.
+    """
     from tuxpilot.sdk.plugin import load_plugin
     from tuxpilot.sdk.settings import PluginProcessSettings
 
     config = config_of(ctx)
+    folder = path.resolve()
     try:
-        plugin = load_plugin(path.resolve())
+        plugin = load_plugin(folder)
     except ConfigError as exc:
         fail(exc.message, EXIT_USAGE)
     settings = PluginProcessSettings.of(config)
-    settings.nats = _plugin_nats(config, plugin.manifest)
 
     async def main() -> None:
+        settings.nats = await _plugin_credentials(config, folder)
         nc = await connect(settings, name=f"tuxpilot-plugin-{plugin.name}", credentials=settings.nats)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -163,24 +171,40 @@ def plugin_run(ctx: typer.Context, path: Path) -> None:
     run_async(main())
 
 
-def _plugin_nats(config: Config, manifest: Manifest) -> NatsConfig:
-    """The credentials a plugin run by hand connects with: the configured ones, else the plugin's own
-    credential file that the local `tuxpilot up` wrote. Never the operator's: under the generated
-    authorization the operator may not serve actions or propose, and a plugin needs its own user."""
-    cfg = config.nats
-    if cfg.user or cfg.user_file or cfg.creds or cfg.token:
-        return cfg
-    from tuxpilot.bus import auth
+async def _plugin_credentials(config: Config, folder: Path) -> NatsConfig:
+    """Who a plugin run by hand is on the bus: the configured credentials, else — against a local `up`
+    with generated authorization — the user the agent makes for it once it has loaded the folder's
+    manifest itself. Never the operator's: the operator may neither serve actions nor propose."""
+    from nats.errors import NoRespondersError
+    from nats.errors import TimeoutError as NatsTimeout
+
+    from tuxpilot.agent.handrun import LOAD_PLUGIN
     from tuxpilot.bus import connect as bus
 
-    own = auth.credential_file(config.state_dir, auth.plugin_user(Subjects.of(config), manifest).name)
-    if own.is_file():
-        return cfg.model_copy(update={"user_file": own})
-    if bus.operator_file(config).is_file():  # a local `up` with authorization on, which does not know this plugin
-        fail(
-            f"the local `tuxpilot up` has no NATS user for plugin {manifest.name!r}: it makes one for each plugin "
-            f"it finds in plugin_dirs when it starts. Add the folder (or its parent) to plugin_dirs in "
-            f"{config.source or default_config_path()} and restart `tuxpilot up`",
-            EXIT_USAGE,
+    cfg = config.nats
+    if cfg.user or cfg.user_file or cfg.creds or cfg.token or bus.local_nats(config).user_file is None:
+        return cfg
+    subjects = Subjects.of(config)
+    nc = await connect(config)  # as the operator, who alone may ask the agent
+    try:
+        reply = await nc.request(
+            subjects.agent_control(LOAD_PLUGIN), json.dumps({"folder": str(folder)}).encode(),
+            timeout=cfg.request_timeout_s + cfg.connect_timeout_s,
         )
-    return cfg
+    except NoRespondersError:
+        fail(f"no agent for host {config.host_id} answers at {bus.local_url(config)}: is `tuxpilot up` running?",
+             EXIT_UNAVAILABLE)
+    except NatsTimeout:
+        fail(f"the agent did not answer within {cfg.request_timeout_s + cfg.connect_timeout_s:g} s", EXIT_TIMEOUT)
+    finally:
+        await nc.close()
+    try:
+        doc = json.loads(reply.data)
+    except ValueError:
+        fail("the agent's answer is not JSON", EXIT_FAILED)
+    if "code" in doc:
+        codes = {"bad_request": EXIT_USAGE, "invalid_config": EXIT_USAGE, "conflict": EXIT_USAGE,
+                 "unavailable": EXIT_UNAVAILABLE}
+        fail(f"the agent did not load {folder}: {doc.get('message')}", codes.get(doc["code"], EXIT_FAILED))
+    user_file = doc.get("user_file")
+    return cfg.model_copy(update={"user_file": Path(user_file)}) if user_file else cfg

@@ -54,6 +54,10 @@ class Subjects:
     def results(self, host: str = "*") -> str:
         return f"{self.prefix}.result.{host}.>"
 
+    def agent_control(self, verb: str, host: str | None = None) -> str:
+        """A request to the host's agent itself (e.g. `load_plugin`); only its operator may send one."""
+        return f"{self.prefix}.agent.{host or self.host}.{verb}"
+
     @property
     def bucket_prefix(self) -> str:
         """JetStream bucket and stream names allow no dots."""

@@ -1,0 +1,127 @@
+"""Plugins run by hand (`tuxpilot plugin run PATH`) against the local agent.
+
+On its operator's request (`<prefix>.agent.<host>.load_plugin`, which nats-server lets only the
+operator send) the agent loads the folder's manifest itself — the gate decides only from manifests the
+host loaded, never from what a plugin says of itself — then gives the plugin a NATS user of its own on
+the embedded server (the server reloads its authorization; nobody is disconnected), creates its durable
+consumer and registry entry, and answers with the credential file the plugin connects with. The user
+lasts as long as this agent: after a restart, `plugin run` asks again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
+
+from tuxpilot.agent.config import Config
+from tuxpilot.bus import auth
+from tuxpilot.bus.registry import announce
+from tuxpilot.bus.server import NatsServer
+from tuxpilot.bus.streams import create_plugin_consumer
+from tuxpilot.protocol.errors import BadRequest, TuxPilotError, Unavailable, error_doc
+from tuxpilot.protocol.manifest import MANIFEST_FILE, Manifest
+from tuxpilot.protocol.manifest import load as load_manifest
+from tuxpilot.protocol.names import Subjects
+
+log = structlog.get_logger("tuxpilot.handrun")
+
+LOAD_PLUGIN = "load_plugin"
+MAX_REQUEST_BYTES = 16 * 1024
+
+
+class Conflict(TuxPilotError):
+    code = "conflict"
+
+
+def _read(folder: Path) -> tuple[Path, Manifest]:
+    """The folder (resolved) and its manifest, read by the agent itself."""
+    if not folder.is_absolute() or not (folder / MANIFEST_FILE).is_file():
+        raise BadRequest(f"{folder}: not an absolute path to a folder holding {MANIFEST_FILE}")
+    return folder.resolve(), load_manifest(folder)
+
+
+class HandRun:
+    """Loads plugin folders for `plugin run` on request; one per agent."""
+
+    def __init__(
+        self,
+        nc: Client,
+        config: Config,
+        server: NatsServer | None,
+        running: dict[str, tuple[Path, Manifest]],
+    ):
+        self.nc = nc
+        self.config = config
+        self.subjects = Subjects.of(config)
+        self.server = server
+        self.running = running  # the plugins the agent runs itself: name -> (folder, manifest)
+        self.loaded: dict[str, tuple[Path, Manifest]] = {}  # loaded for `plugin run`
+        self._lock = asyncio.Lock()  # one server reload at a time
+
+    @property
+    def subject(self) -> str:
+        return self.subjects.agent_control(LOAD_PLUGIN)
+
+    async def handle(self, msg: Msg) -> None:
+        headers: dict[str, str] | None = None
+        try:
+            reply: dict[str, Any] = await self.load(msg.data)
+        except Exception as exc:
+            if not isinstance(exc, TuxPilotError):
+                log.exception("handrun.failed")
+            reply = error_doc(exc)
+            status = exc.status if isinstance(exc, TuxPilotError) else 500
+            headers = {ERROR_HEADER: reply["message"][:256], ERROR_CODE_HEADER: str(status)}
+        if msg.reply:
+            await self.nc.publish(msg.reply, json.dumps(reply).encode(), headers=headers)
+
+    async def load(self, raw: bytes) -> dict[str, Any]:
+        if len(raw) > MAX_REQUEST_BYTES:
+            raise BadRequest("request too large")
+        try:
+            request = json.loads(raw)
+            folder = Path(request["folder"])
+        except (ValueError, KeyError, TypeError):
+            raise BadRequest('give {"folder": "/absolute/path/to/the/plugin"}') from None
+        folder, manifest = await asyncio.to_thread(_read, folder)
+        name = manifest.name
+        mine = self.running.get(name)
+        if mine is not None and await asyncio.to_thread(mine[0].resolve) != folder:
+            raise Conflict(f"this agent runs plugin {name!r} from {mine[0]}; a plugin run by hand may not take "
+                           f"its name (rename the plugin in {folder / MANIFEST_FILE})")
+        async with self._lock:
+            user_file = await self._provision(manifest) if mine is None else self._credential_file(manifest)
+            self.loaded[name] = (folder, manifest)
+        js = self.nc.jetstream()
+        await create_plugin_consumer(js, manifest, self.subjects, self.config.streams)
+        await announce(js, self.subjects, manifest, instance="agent")
+        log.info("handrun.loaded", plugin=name, folder=str(folder), version=manifest.version)
+        return {"plugin": name, "version": manifest.version, "user_file": str(user_file) if user_file else None}
+
+    def _credential_file(self, manifest: Manifest) -> Path | None:
+        if self.server is None or not self.config.embedded.auth:
+            return None
+        return auth.credential_file(self.config.state_dir, auth.plugin_user(self.subjects, manifest).name)
+
+    async def _provision(self, manifest: Manifest) -> Path | None:
+        """A user for the plugin on the embedded server, next to every user it already has."""
+        if self.server is None:
+            raise Unavailable(
+                "this agent does not run its NATS server, so it cannot add a user for a plugin run by hand: "
+                "give the plugin credentials of its own (`tuxpilot auth export` writes them for the server's config)"
+            )
+        if not self.config.embedded.auth:
+            return None
+        manifests = {n: m for n, (_, m) in {**self.running, **self.loaded}.items()}
+        manifests[manifest.name] = manifest
+        users = auth.users_for(self.subjects, manifests)
+        hashes = await asyncio.to_thread(auth.provision, self.config.state_dir, users)
+        await asyncio.to_thread(self.server.reload, auth.server_config(users, hashes))
+        return self._credential_file(manifest)
