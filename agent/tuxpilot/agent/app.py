@@ -152,6 +152,9 @@ class Agent:
         self.registry: Registry | None = None
         self.gate: Gate | None = None
         self.handrun: HandRun | None = None
+        self._plugins: dict[str, tuple[Path, Manifest]] = {}  # what the host runs: name -> (folder, manifest)
+        self._plugins_lock = asyncio.Lock()
+        self._applying: set[asyncio.Task[None]] = set()
         self.monitor: Monitor | None = None
         self.host: PluginHost | None = None
         self.url: str = ""
@@ -172,7 +175,7 @@ class Agent:
 
     async def _start_parts(self, stack: contextlib.AsyncExitStack) -> None:
         cfg = self.config
-        plugins = local_plugins(cfg) if self.run_plugins else {}
+        plugins = self._plugins = local_plugins(cfg) if self.run_plugins else {}
         stack.enter_context(state_dir_lock(cfg.state_dir))  # before anything in the state dir is touched
         credentials: dict[str, Path] = {}
         nats_cfg = cfg.nats
@@ -237,6 +240,43 @@ class Agent:
         self.config.plugins = fresh.plugins
         self.config.gate = fresh.gate
         log.info("config.reloaded", path=str(path), plugins={n: p.permissions for n, p in fresh.plugins.items()})
+        # run_plugins, plugin_dirs or a plugin's `enabled` may have changed: the plugins follow, live.
+        task = asyncio.get_running_loop().create_task(self._apply_run_plugins(fresh), name="apply-run-plugins")
+        self._applying.add(task)
+        task.add_done_callback(self._applying.discard)
+
+    async def _apply_run_plugins(self, fresh: Config) -> None:
+        """Start the plugins `run_plugins` gained and stop those it lost, without a restart."""
+        async with self._plugins_lock:
+            if not self.run_plugins or self._stack is None or self.nc is None or self.handrun is None:
+                return  # an agent that runs no plugins (or is stopping)
+            trial = self.config.model_copy(update={"run_plugins": fresh.run_plugins, "plugin_dirs": fresh.plugin_dirs})
+            try:
+                wanted = local_plugins(trial)
+            except ConfigError as exc:
+                log.error("config.run_plugins_not_applied", error=exc.message, running=sorted(self._plugins))
+                return
+            current = self._plugins
+            stop = [n for n, (folder, _) in current.items() if n not in wanted or wanted[n][0] != folder]
+            start = {n: v for n, v in wanted.items() if n not in current or n in stop}
+            if self.host is not None:
+                for name in stop:
+                    await self.host.remove(name)
+                    del current[name]
+            if start:
+                credentials = await self.handrun.add_users({n: m for n, (_, m) in start.items()})
+                for _, manifest in start.values():
+                    await create_plugin_consumer(self.nc.jetstream(), manifest, self.subjects, self.config.streams)
+                if self.host is None:
+                    host = PluginHost(self.config, self.url, {}, report=self._publish_event)
+                    self.host = await self._stack.enter_async_context(host)
+                for name, (folder, manifest) in start.items():
+                    current[name] = (folder, manifest)
+                    self.host.add(name, folder, manifest, credentials.get(name))
+            self.config.run_plugins, self.config.plugin_dirs = fresh.run_plugins, fresh.plugin_dirs
+            if start or stop:
+                log.info("config.plugins_applied", started=sorted(start), stopped=sorted(stop),
+                         running=sorted(current))
 
     async def _watch_config(self) -> None:
         path = self.config.source or default_config_path()
@@ -321,6 +361,9 @@ class Agent:
         stack, self._stack = self._stack, None
         if stack is None:
             return
+        for task in list(self._applying):  # a run_plugins change being applied: the host stops them all anyway
+            task.cancel()
+        await asyncio.gather(*self._applying, return_exceptions=True)
         await stack.aclose()
         log.info("agent.stopped", host=self.config.host_id)
 

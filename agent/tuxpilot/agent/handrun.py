@@ -63,7 +63,7 @@ class HandRun:
         self.server = server
         self.running = running  # the plugins the agent runs itself: name -> (folder, manifest)
         self.loaded: dict[str, tuple[Path, Manifest]] = {}  # loaded for `plugin run`
-        self._lock = asyncio.Lock()  # one server reload at a time
+        self._lock = asyncio.Lock()
 
     @property
     def subject(self) -> str:
@@ -96,9 +96,8 @@ class HandRun:
         if mine is not None and await asyncio.to_thread(mine[0].resolve) != folder:
             raise Conflict(f"this agent runs plugin {name!r} from {mine[0]}; a plugin run by hand may not take "
                            f"its name (rename the plugin in {folder / MANIFEST_FILE})")
-        async with self._lock:
-            user_file = await self._provision(manifest) if mine is None else self._credential_file(manifest)
-            self.loaded[name] = (folder, manifest)
+        user_file = await self._provision(manifest) if mine is None else self._credential_file(manifest)
+        self.loaded[name] = (folder, manifest)
         js = self.nc.jetstream()
         await create_plugin_consumer(js, manifest, self.subjects, self.config.streams)
         await announce(js, self.subjects, manifest, instance="agent")
@@ -111,17 +110,22 @@ class HandRun:
         return auth.credential_file(self.config.state_dir, auth.plugin_user(self.subjects, manifest).name)
 
     async def _provision(self, manifest: Manifest) -> Path | None:
-        """A user for the plugin on the embedded server, next to every user it already has."""
         if self.server is None:
             raise Unavailable(
                 "this agent does not run its NATS server, so it cannot add a user for a plugin run by hand: "
                 "give the plugin credentials of its own (`tuxpilot auth export` writes them for the server's config)"
             )
-        if not self.config.embedded.auth:
-            return None
-        manifests = {n: m for n, (_, m) in {**self.running, **self.loaded}.items()}
-        manifests[manifest.name] = manifest
-        users = auth.users_for(self.subjects, manifests)
-        hashes = await asyncio.to_thread(auth.provision, self.config.state_dir, users)
-        await asyncio.to_thread(self.server.reload, auth.server_config(users, hashes))
-        return self._credential_file(manifest)
+        return (await self.add_users({manifest.name: manifest})).get(manifest.name)
+
+    async def add_users(self, manifests: dict[str, Manifest]) -> dict[str, Path]:
+        """Users for these plugins on the embedded server, next to every user it already has (the server
+        reloads its authorization; nobody is disconnected). Their credential files, by plugin; none
+        when the agent does not run the server with generated authorization."""
+        if self.server is None or not self.config.embedded.auth:
+            return {}
+        async with self._lock:  # one server reload at a time
+            every = {n: m for n, (_, m) in {**self.running, **self.loaded}.items()} | manifests
+            users = auth.users_for(self.subjects, every)
+            hashes = await asyncio.to_thread(auth.provision, self.config.state_dir, users)
+            await asyncio.to_thread(self.server.reload, auth.server_config(users, hashes))
+        return {name: path for name, m in manifests.items() if (path := self._credential_file(m)) is not None}

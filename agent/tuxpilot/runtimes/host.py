@@ -70,6 +70,7 @@ class Supervised:
     plan: Plan | None = None
     exits: deque[float] = field(default_factory=deque)  # when it exited, within the crash-loop window
     looping: bool = False  # a crash loop was reported and the plugin has not stayed up since
+    removed: bool = False  # taken out of run_plugins while the host runs: not restarted again
     proc: asyncio.subprocess.Process | None = field(default=None, repr=False)
 
 
@@ -161,6 +162,42 @@ class PluginHost(Part):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    def add(self, name: str, folder: Path, manifest: Manifest, credentials: Path | None = None) -> None:
+        """Start supervising one more plugin (`run_plugins` grew while the agent runs)."""
+        if name in self.plugins or self._stopping:
+            return
+        if credentials is not None:
+            self.credentials[name] = credentials
+        plugin = self.plugins[name] = Supervised(name, folder, manifest)
+        self._tasks.append(asyncio.create_task(self._supervise(plugin), name=f"plugin-{name}"))
+
+    async def remove(self, name: str, grace_s: float = 5.0) -> None:
+        """Stop one plugin for good (taken out of `run_plugins`): SIGTERM, SIGKILL after `grace_s`."""
+        plugin = self.plugins.pop(name, None)
+        if plugin is None:
+            return
+        plugin.removed = True
+        proc = plugin.proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), grace_s)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        for task in [t for t in self._tasks if t.get_name() == f"plugin-{name}"]:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            self._tasks.remove(task)
+        # A process started between the signal and the cancel would outlive its supervisor.
+        if plugin.proc is not None and plugin.proc is not proc and plugin.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                plugin.proc.kill()
+            await plugin.proc.wait()
+
     async def _supervise(self, plugin: Supervised) -> None:
         plog = log.bind(plugin=plugin.name, host=self.config.host_id)
         workdir = self.workdir(plugin)
@@ -182,10 +219,10 @@ class PluginHost(Part):
             await self._report(plugin, "plugin.unconfined", "warning", user=plan.user, reason=plan.unconfined,
                                fix=plan.fix)
         sup = self.config.supervision
-        while not self._stopping:
+        while not (self._stopping or plugin.removed):
             started = time.monotonic()
             code = await self._run_once(plugin, plan, workdir, plog)
-            if self._stopping:
+            if self._stopping or plugin.removed:
                 break
             now = time.monotonic()
             plugin.delay = (
