@@ -124,3 +124,10 @@ def test_revoking_a_permission_never_granted_changes_nothing(tmp_path: Path) -> 
     assert "already granted" in again.stdout
     revoked = run("--config", str(conf), "plugin", "revoke", "docker", "system_access", env=env)
     assert revoked.returncode == 0 and "system_access" not in revoked.stdout.split("(in")[0]
+
+
+def test_a_call_to_a_wildcard_host_is_refused_not_sent(tmp_path: Path) -> None:
+    # It used to answer "no responders" as if the plugin were down: NATS never fans a request out.
+    done = run("call", "*", "sysmon", "top_processes", env=clean_env(tmp_path, TUXPILOT_NATS_URL="nats://127.0.0.1:1"))
+    assert done.returncode == 2
+    assert "one host" in done.stderr and len(done.stderr.strip().splitlines()) == 1

@@ -14,6 +14,7 @@ from tuxpilot.cli.common import (
     EXIT_FAILED,
     EXIT_TIMEOUT,
     EXIT_UNAVAILABLE,
+    EXIT_USAGE,
     config_of,
     connect,
     fail,
@@ -35,6 +36,9 @@ def call(
     """Call an action directly, as `nats req tuxpilot.act.HOST.PLUGIN.ACTION PARAMS` would."""
     config = config_of(ctx)
     subjects = Subjects.of(config)
+    if any(c in token for token in (host, plugin, action) for c in "*>. "):
+        fail(f"{host} {plugin} {action}: a call names one host, plugin and action (NATS does not fan a "
+             "request out to a wildcard subject; calls to every host are not built yet)", EXIT_USAGE)
 
     async def main() -> int:
         nc = await connect(config)
