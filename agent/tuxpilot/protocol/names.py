@@ -109,4 +109,4 @@ def registry_key(host: str, plugin: str) -> str:
 def proposal_id(event_id: str, plugin: str) -> str:
     """The proposal a plugin makes for one event: the same id on every redelivery, so the proposals
     stream stores it once (within its duplicate window)."""
-    return f"{event_id}-{plugin}"
+    return f"{event_id}-{plugin}"[:128]

@@ -50,7 +50,7 @@ from tuxpilot.protocol.errors import BadRequest, ConfigError, Forbidden, Payload
 from tuxpilot.protocol.manifest import Manifest
 from tuxpilot.protocol.manifest import load as load_manifest
 from tuxpilot.protocol.models import Event, Proposal, ProposedAction, Result, new_id
-from tuxpilot.protocol.names import ACTION_ID_HEADER, EVENT_ID_HEADER, Subjects
+from tuxpilot.protocol.names import ACTION_ID_HEADER, EVENT_ID_HEADER, MSG_ID_HEADER, Subjects, proposal_id
 from tuxpilot.sdk import command
 from tuxpilot.sdk.settings import PluginProcessSettings, load_plugin_settings
 
@@ -219,6 +219,33 @@ class Plugin:
     def on_stop(self, fn: TaskHandler) -> TaskHandler:
         self._on_stop.append(fn)
         return fn
+
+    # -- handling, without the bus (the running plugin and tuxpilot.testing share these) -----------
+
+    def subscribed(self, event_type: str) -> bool:
+        """Whether the manifest's `subscribes` lets events of `event_type` reach this plugin."""
+        return any(_matches(pattern, event_type) for pattern in self.manifest.subscribes)
+
+    async def run_action(self, action: str, raw: bytes, ctx: Context) -> Result:
+        """One request's work: params parsed, validated and given their defaults, the handler run.
+        Raises what went wrong (a TuxPilotError for the caller's mistakes)."""
+        params = parse_params(raw)
+        self.manifest.params_validator(action).check(params)
+        params = with_defaults(self.manifest.actions[action].params, params)
+        return to_result(await _call(self._actions[action], params, ctx))
+
+    async def propose_for(self, event: Event, ctx: Context) -> Proposal | None:
+        """Run the handlers matching `event`; their proposed actions as one proposal (None: nothing
+        proposed). Its id derives from the event and plugin: the same on every redelivery."""
+        actions: list[ProposedAction] = []
+        for pattern, fn in self._event_handlers:
+            if _matches(pattern, event.type):
+                actions.extend(_as_actions(await _call(fn, event, ctx)))
+        if not actions:
+            return None
+        return Proposal(
+            id=proposal_id(event.id, self.name), event_id=event.id, plugin=self.name, event=event, actions=actions
+        )
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -402,20 +429,13 @@ class _Running:
         redelivered event's proposal is deduplicated by the server. A failing handler raises.
         """
         ctx = self.context(event)
-        actions: list[ProposedAction] = []
-        for pattern, fn in self.plugin._event_handlers:
-            if _matches(pattern, event.type):
-                actions.extend(_as_actions(await _call(fn, event, ctx)))
-        if not actions:
+        proposal = await self.plugin.propose_for(event, ctx)
+        if proposal is None:
             return None
-        proposal = Proposal(
-            id=f"{event.id}-{self.plugin.name}"[:128], event_id=event.id, plugin=self.plugin.name, event=event,
-            actions=actions,
-        )
         await self.nc.jetstream().publish(
-            self.subjects.proposal(), proposal.to_json(), headers={"Nats-Msg-Id": proposal.id}
+            self.subjects.proposal(), proposal.to_json(), headers={MSG_ID_HEADER: proposal.id}
         )
-        ctx.log.debug("plugin.proposed", actions=[a.action for a in actions], proposal_id=proposal.id)
+        ctx.log.debug("plugin.proposed", actions=[a.action for a in proposal.actions], proposal_id=proposal.id)
         return proposal
 
     # -- actions ---------------------------------------------------------------------------------
@@ -471,10 +491,7 @@ class _Running:
             ctx.log = ctx.log.bind(event_id=headers[EVENT_ID_HEADER])
         stat = self.counts.setdefault(action, {"ok": 0, "error": 0, "ms_total": 0.0})
         try:
-            params = parse_params(req.data)
-            self.plugin.manifest.params_validator(action).check(params)
-            params = with_defaults(self.plugin.manifest.actions[action].params, params)
-            result = to_result(await _call(self.plugin._actions[action], params, ctx))
+            result = await self.plugin.run_action(action, req.data, ctx)
             stat["ok"] += 1
             ctx.log.debug("action.done", status=result.status, ms=round((time.perf_counter() - started) * 1000, 2))
             return result.to_json(), None
