@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tuxpilot.bus import auth
 from tuxpilot.protocol import launch, schemas
-from tuxpilot.protocol.errors import BadRequest
+from tuxpilot.protocol.errors import BadRequest, ConfigError
 from tuxpilot.protocol.manifest import builtin_dir
 from tuxpilot.protocol.manifest import load as load_manifest
 from tuxpilot.protocol.names import Subjects
@@ -85,3 +85,12 @@ def test_garbage_in_the_registry_is_a_bad_request() -> None:
     for raw in (b"", b"{nope", b"[]", b'{"host": "h"}'):
         with pytest.raises(BadRequest):
             RegistryEntry.from_json(raw)
+
+
+def test_a_manifest_of_a_protocol_version_this_tuxpilot_does_not_speak_is_refused_at_load(tmp_path: Path) -> None:
+    folder = tmp_path / "future"
+    folder.mkdir()
+    text = (builtin_dir() / "sysmon" / "plugin.toml").read_text().replace('api_version = "1"', 'api_version = "2"')
+    (folder / "plugin.toml").write_text(text)
+    with pytest.raises(ConfigError, match="api_version '2' is not a protocol version this TuxPilot speaks"):
+        load_manifest(folder)

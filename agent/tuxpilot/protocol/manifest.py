@@ -16,6 +16,8 @@ from tuxpilot.protocol.resources import shipped
 
 MANIFEST_FILE = "plugin.toml"
 API_VERSION = "1"
+# The protocol versions (docs/protocol.md) this TuxPilot speaks; a plugin of another one is refused at load.
+API_VERSIONS = frozenset({API_VERSION})
 
 
 class Permission(StrEnum):
@@ -110,6 +112,11 @@ class Manifest(Spec):
             manifest = cls.model_validate(doc)
         except ValidationError as exc:
             raise ConfigError(f"{source}: {exc.errors()[0]['msg']}") from exc
+        if manifest.api_version not in API_VERSIONS:
+            raise ConfigError(
+                f"{source}: api_version {manifest.api_version!r} is not a protocol version this TuxPilot speaks "
+                f"({', '.join(sorted(API_VERSIONS))})"
+            )
         for action, spec in manifest.actions.items():
             if spec.permission is not None and spec.permission not in manifest.permissions:
                 raise ConfigError(
