@@ -127,5 +127,9 @@ class HandRun:
             every = {n: m for n, (_, m) in {**self.running, **self.loaded}.items()} | manifests
             users = auth.users_for(self.subjects, every)
             hashes = await asyncio.to_thread(auth.provision, self.config.state_dir, users)
-            await asyncio.to_thread(self.server.reload, auth.server_config(users, hashes))
+            authorization = auth.server_config(users, hashes)
+            # Only when users change: on a reload nats-server forgets which replies it allowed, so a
+            # plugin's reply to a request in flight at that instant is refused (the action times out).
+            if authorization != self.server.extra_config:
+                await asyncio.to_thread(self.server.reload, authorization)
         return {name: path for name, m in manifests.items() if (path := self._credential_file(m)) is not None}
