@@ -39,7 +39,7 @@ from tests.conftest import need, tuxpilot_exe, until
 TEST_PLUGINS = Path(__file__).resolve().parent / "plugins"
 HOST = "test-host"
 IS_ROOT = os.geteuid() == 0
-PLUGIN_USER = "tuxpilot-plugin"
+PLUGIN_USER = "tuxpilot-p-whoami"  # each plugin runs as a user of its own
 
 
 def need_root() -> None:

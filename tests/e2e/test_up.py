@@ -79,7 +79,7 @@ def test_up_starts_server_and_plugins_and_stops_them_all(up: Up, sig: signal.Sig
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         names = " ".join(" ".join(p.cmdline()) for p in up.tree())
-        if "nats-server" in names and "sysmon" in names:
+        if "nats-server" in names and "tuxpilot.sdk.process" in names:
             break
         time.sleep(0.2)
     children = up.tree()

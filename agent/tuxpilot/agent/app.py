@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import psutil
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js.kv import KeyValue
 
 from tuxpilot.agent.config import Config, load_config
 from tuxpilot.agent.gate import Gate
@@ -30,14 +32,17 @@ from tuxpilot.agent.outbox import Outbox
 from tuxpilot.agent.registry import Registry
 from tuxpilot.bus import auth
 from tuxpilot.bus import connect as bus
+from tuxpilot.bus.plugin_state import put_state, state_bucket
 from tuxpilot.bus.registry import open_bucket
 from tuxpilot.bus.server import NatsServer
 from tuxpilot.bus.streams import create_plugin_consumer, ensure_streams
 from tuxpilot.protocol.errors import ConfigError
-from tuxpilot.protocol.manifest import Manifest, builtin_dir, discover
+from tuxpilot.protocol.manifest import Manifest, builtin_dir
 from tuxpilot.protocol.models import Event, Metrics, Result, now
 from tuxpilot.protocol.names import Names, Subjects
+from tuxpilot.protocol.plugin_state import PluginState
 from tuxpilot.runtimes.host import PluginHost
+from tuxpilot.runtimes.loader import Found, Installed, installed
 from tuxpilot.settings import NatsConfig, default_config_path
 
 log = structlog.get_logger("tuxpilot.agent")
@@ -54,14 +59,51 @@ def plugin_dirs(config: Config) -> list[Path]:
     return [*config.plugin_dirs, builtin_dir()]
 
 
-def local_plugins(config: Config) -> dict[str, tuple[Path, Manifest]]:
-    """The plugins `config.run_plugins` names, found in the plugin dirs; a missing one is a config error."""
-    found = discover(plugin_dirs(config))
-    missing = [name for name in config.run_plugins if name not in found]
+def host_plugins(config: Config) -> Installed:
+    """Every plugin folder this host has: those it would load, and those it will not (and why)."""
+    return installed(config.plugin_dirs, builtin_dir(), config)
+
+
+@dataclass(frozen=True)
+class LocalPlugins:
+    """What `run_plugins` names: the plugins this host runs, and those it refuses, each with why."""
+
+    run: dict[str, tuple[Path, Manifest]]
+    refused: dict[str, Found]
+    skipped: list[Found]  # every folder of the plugin dirs that is not loaded at all
+
+
+def select_plugins(config: Config) -> LocalPlugins:
+    """The plugins `config.run_plugins` names. One that cannot run here (a broken manifest, a name two
+    folders hold, a runtime this host lacks) is refused, the others run; a name found in no folder at all
+    is a config error."""
+    found = host_plugins(config)
+    run: dict[str, tuple[Path, Manifest]] = {}
+    refused: dict[str, Found] = {}
+    missing: list[str] = []
+    for name in config.run_plugins:
+        if not config.plugin(name).enabled:
+            continue
+        chosen = found.plugins.get(name)
+        if chosen is None:
+            skipped = [f for f in found.skipped if f.name == name]
+            if skipped:
+                refused[name] = skipped[0]
+            else:
+                missing.append(name)
+        elif chosen.runnable and chosen.manifest is not None:
+            run[name] = (chosen.folder, chosen.manifest)
+        else:
+            refused[name] = chosen
     if missing:
         where = ", ".join(str(d) for d in plugin_dirs(config))
         raise ConfigError(f"config key run_plugins: no plugin named {', '.join(missing)} in {where}")
-    return {name: found[name] for name in config.run_plugins if config.plugin(name).enabled}
+    return LocalPlugins(run, refused, found.skipped)
+
+
+def local_plugins(config: Config) -> dict[str, tuple[Path, Manifest]]:
+    """The plugins `config.run_plugins` names that this host runs."""
+    return select_plugins(config).run
 
 
 @contextlib.asynccontextmanager
@@ -160,6 +202,7 @@ class Agent:
         self.url: str = ""
         self.outbox: Outbox | None = None
         self._stack: contextlib.AsyncExitStack | None = None
+        self._states: KeyValue | None = None
 
     async def __aenter__(self) -> Agent:
         await self.start()
@@ -175,7 +218,12 @@ class Agent:
 
     async def _start_parts(self, stack: contextlib.AsyncExitStack) -> None:
         cfg = self.config
-        plugins = self._plugins = local_plugins(cfg) if self.run_plugins else {}
+        selected = select_plugins(cfg) if self.run_plugins else LocalPlugins({}, {}, [])
+        plugins = self._plugins = selected.run
+        for found in selected.skipped:
+            log.error("plugin.skipped", plugin=found.name, folder=str(found.folder), reason=found.problem)
+        for name, found in selected.refused.items():
+            log.error("plugin.not_runnable", plugin=name, runtime=found.runtime, reason=found.problem)
         stack.enter_context(state_dir_lock(cfg.state_dir))  # before anything in the state dir is touched
         credentials: dict[str, Path] = {}
         nats_cfg = cfg.nats
@@ -207,6 +255,10 @@ class Agent:
         await open_bucket(js, self.subjects)
         for _, manifest in plugins.values():
             await create_plugin_consumer(js, manifest, self.subjects, cfg.streams)
+        self._states = await state_bucket(js, self.subjects, cfg.streams.replicas)
+        for name, found in selected.refused.items():
+            await self._publish_state(PluginState(host=cfg.host_id, plugin=name, state="not_runnable",
+                                                  runtime=found.runtime, reason=found.problem))
         self.outbox = await stack.enter_async_context(Outbox(self._send_event, limit=cfg.monitor.buffer_events))
         await stack.enter_async_context(
             subscription(
@@ -223,11 +275,12 @@ class Agent:
                 Monitor(cfg.monitor, cfg.host_id, self._publish_event, self._publish_metrics, reader=self.reader)
             )
         if plugins:
-            host = PluginHost(cfg, self.url, plugins, report=self._publish_event)
+            host = PluginHost(cfg, self.url, plugins, report=self._publish_event, publish=self._publish_state)
             host.credentials = credentials
             self.host = await stack.enter_async_context(host)
         await stack.enter_async_context(background(self._watch_config(), name="config-watch"))
-        log.info("agent.started", host=cfg.host_id, url=self.url, plugins=sorted(plugins))
+        log.info("agent.started", host=cfg.host_id, url=self.url, plugins=sorted(plugins),
+                 not_runnable=sorted(selected.refused))
 
     def reload(self) -> None:
         """Take grants and gate policy from the config file again (after `plugin grant`, or SIGHUP)."""
@@ -351,6 +404,11 @@ class Agent:
         )
         log.error("agent.dead_letter", plugin=plugin, event_id=event.id, type=event.type)
         await self.nc.publish(self.subjects.result(plugin, DEAD_LETTER_ACTION), result.to_json())
+
+    async def _publish_state(self, state: PluginState) -> None:
+        """What the plugin host knows of a plugin, where `tuxpilot status` reads it."""
+        if self._states is not None:
+            await put_state(self._states, state)
 
     async def _publish_metrics(self, metrics: Metrics) -> None:
         assert self.nc is not None

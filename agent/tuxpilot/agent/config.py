@@ -8,6 +8,10 @@ Every key has an environment name derived from its path: `nats.url` is `TUXPILOT
 
 from __future__ import annotations
 
+import contextlib
+import os
+import stat
+import tempfile
 from pathlib import Path
 from typing import Annotated, Self
 
@@ -98,9 +102,33 @@ def edit_grants(path: Path, manifest: Manifest, current: frozenset[Permission], 
     plugins = doc.setdefault("plugins", tomlkit.table(is_super_table=True))
     section = plugins.setdefault(manifest.name, tomlkit.table())
     section["permissions"] = [p.value for p in granted]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomlkit.dumps(doc))
+    write_private(path, tomlkit.dumps(doc))
     return granted
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write the host config, which may hold the agent's credentials: a new file is 0600, an existing one
+    keeps its mode without the bits for others (0644 becomes 0640). Replaced in one rename, so the file
+    is never briefly open to others nor half-written."""
+    path = Path(os.path.realpath(path))  # a symlinked config is edited where it lives
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        st = path.stat()
+        mode, owner = stat.S_IMODE(st.st_mode) & ~0o007, (st.st_uid, st.st_gid)
+    except FileNotFoundError:
+        mode, owner = 0o600, None
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, mode)
+        if owner is not None and os.geteuid() == 0:
+            os.chown(tmp, *owner)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def load_config(path: Path | None = None, environ: dict[str, str] | None = None) -> Config:

@@ -69,7 +69,8 @@ def agent_user(subjects: Subjects) -> User:
             "$JS.API.>",  # streams, consumers and buckets for this host's TuxPilot
             "$JS.ACK.>",
             "$JS.FC.>",  # flow-control replies: without them a KV watch or listing stalls
-            *(f"$KV.{bucket}.>" for bucket in (names.executions, names.cooldowns, f"{subjects.bucket_prefix}_plugins")),
+            *(f"$KV.{bucket}.>" for bucket in (names.executions, names.cooldowns, f"{subjects.bucket_prefix}_plugins",
+                                               names.plugin_state)),
             "$SRV.PING",
         ],
         subscribe=[

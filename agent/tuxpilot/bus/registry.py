@@ -31,20 +31,26 @@ async def announce(js: JetStreamContext, subjects: Subjects, manifest: Manifest,
     await kv.put(registry_key(subjects.host, manifest.name), RegistryEntry.of(subjects.host, manifest).to_json())
 
 
-async def live_instances(nc: Client, host: str | None = None, wait: float = 0.3) -> list[dict[str, Any]]:
-    """Every running plugin instance that answers `$SRV.PING` (optionally only those of `host`)."""
+async def live_instances(
+    nc: Client, host: str | None = None, wait: float = 0.3, *, subject: str = "$SRV.PING"
+) -> list[dict[str, Any]]:
+    """Every running plugin instance that answers `subject` (optionally only those of `host`).
+
+    What an answer says of itself (name, host, pid) is the answerer's word: anyone allowed to answer
+    `$SRV.PING` can claim any name. `instances_of` asks in a way the server vouches for.
+    """
     inbox = nc.new_inbox()
     found: list[dict[str, Any]] = []
     sub = await nc.subscribe(inbox)
     try:
-        await nc.publish("$SRV.PING", b"", reply=inbox)
+        await nc.publish(subject, b"", reply=inbox)
         deadline = asyncio.get_running_loop().time() + wait
         while (left := deadline - asyncio.get_running_loop().time()) > 0:
             try:
                 msg = await sub.next_msg(timeout=left)
             except TimeoutError:
                 break
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, AttributeError):
                 ping = json.loads(msg.data)
                 meta = ping.get("metadata") or {}
                 if meta.get("tuxpilot") and (host is None or meta.get("host") == host):
@@ -52,3 +58,11 @@ async def live_instances(nc: Client, host: str | None = None, wait: float = 0.3)
     finally:
         await sub.unsubscribe()
     return found
+
+
+async def instances_of(nc: Client, plugin: str, host: str | None = None, wait: float = 0.3) -> list[dict[str, Any]]:
+    """The instances of `plugin` that answer `$SRV.PING.<plugin>`. Under TuxPilot's generated
+    authorization only that plugin's own NATS user may subscribe to it, so another plugin cannot answer
+    here in its name (it can on the bare `$SRV.PING`)."""
+    found = await live_instances(nc, host, wait, subject=f"$SRV.PING.{plugin}")
+    return [p for p in found if p.get("name") == plugin]

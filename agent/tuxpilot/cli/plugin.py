@@ -11,9 +11,9 @@ from typing import Annotated, Any
 
 import typer
 
-from tuxpilot.agent.app import plugin_dirs
+from tuxpilot.agent.app import host_plugins
 from tuxpilot.agent.config import Config
-from tuxpilot.bus.registry import live_instances
+from tuxpilot.bus.registry import instances_of
 from tuxpilot.cli.common import (
     EXIT_FAILED,
     EXIT_TIMEOUT,
@@ -29,7 +29,7 @@ from tuxpilot.cli.common import (
     table,
 )
 from tuxpilot.protocol.errors import ConfigError
-from tuxpilot.protocol.manifest import discover
+from tuxpilot.protocol.manifest import Manifest
 from tuxpilot.protocol.names import Subjects
 from tuxpilot.settings import NatsConfig, default_config_path
 
@@ -42,39 +42,42 @@ def plugin_list(
     live: Annotated[bool, typer.Option(help="Also ask the bus which instances are running.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """The installed plugins (built-in and in plugin_dirs), with their actions and permissions."""
+    """The installed plugins (built-in and in plugin_dirs), their actions and permissions, and whether this
+    host can run them (and why not)."""
     config = config_of(ctx)
     for folder in config.plugin_dirs:
         if not folder.is_dir():
             err.print(f"warning: plugin_dirs names {folder}, which is not a folder", markup=False)
-    try:
-        found = discover(plugin_dirs(config))
-    except ConfigError as exc:
-        fail(exc.message, EXIT_USAGE)
+    found = host_plugins(config)
     running: dict[str, int] = {}
     if live:
 
         async def ping() -> None:
             nc = await connect(config)
-            for inst in await live_instances(nc, config.host_id):
-                running[inst["name"]] = running.get(inst["name"], 0) + 1
-            await nc.close()
+            try:
+                for name in found.plugins:
+                    running[name] = len(await instances_of(nc, name, config.host_id))
+            finally:
+                await nc.close()
 
         run_async(ping())
     rows: list[dict[str, Any]] = []
-    for name, (folder, m) in sorted(found.items()):
-        granted = sorted(p.value for p in config.plugin(name).granted(m))
+    for item in sorted([*found.plugins.values(), *found.skipped], key=lambda f: (f.name, str(f.folder))):
+        m = item.manifest
+        loaded = found.plugins.get(item.name) is item
         rows.append(
             {
-                "name": name,
-                "version": m.version,
-                "category": m.category,
-                "runtime": m.runtime,
-                "actions": sorted(m.actions),
-                "permissions": [p.value for p in m.permissions],
-                "granted": granted,
-                "path": str(folder),
-                **({"running": running.get(name, 0)} if live else {}),
+                "name": item.name,
+                "version": m.version if m else None,
+                "category": m.category if m else None,
+                "runtime": m.runtime if m else None,
+                "actions": sorted(m.actions) if m else [],
+                "permissions": [p.value for p in m.permissions] if m else [],
+                "granted": sorted(p.value for p in config.plugin(item.name).granted(m)) if m and loaded else [],
+                "path": str(item.folder),
+                "runnable": item.runnable and loaded,
+                "problem": item.problem,
+                **({"running": running.get(item.name, 0) if loaded else 0} if live else {}),
             }
         )
     if as_json:
@@ -82,11 +85,11 @@ def plugin_list(
         return
     # One name per line, so the table fits 80 columns (piped, or a narrow terminal) without cutting
     # an action's name; `--json` has every field.
-    grid = table("plugin", "kind", "actions", "granted")
+    grid = table("plugin", "kind", "actions", "granted", "runnable")
     for r in rows:
-        about = [r["name"], r["version"], *([f"{r['running']} running"] if live else [])]
-        add_row(grid, "\n".join(about), f"{r['category']}\n{r['runtime']}", "\n".join(r["actions"]),
-                "\n".join(r["granted"]))
+        about = [r["name"], r["version"] or "-", *([f"{r['running']} running"] if live else [])]
+        add_row(grid, "\n".join(about), f"{r['category'] or '-'}\n{r['runtime'] or '-'}", "\n".join(r["actions"]),
+                "\n".join(r["granted"]), "yes" if r["runnable"] else f"no: {r['problem']}")
     out.print(grid)
 
 
@@ -96,7 +99,7 @@ def _grant(ctx: typer.Context, name: str, permissions: list[str], *, revoke: boo
     from tuxpilot.settings import config_path
 
     config = config_of(ctx)
-    found = discover(plugin_dirs(config))
+    found = {n: (f.folder, f.manifest) for n, f in host_plugins(config).plugins.items() if f.manifest is not None}
     if name not in found:
         fail(f"no plugin named {name!r} (installed: {', '.join(sorted(found)) or 'none'})", EXIT_USAGE)
     try:

@@ -138,35 +138,30 @@ class Manifest(Spec):
 
 
 def load(folder: Path) -> Manifest:
-    """Read and validate `folder/plugin.toml`."""
+    """Read and validate `folder/plugin.toml`; its entry point must lie inside the folder."""
     path = folder / MANIFEST_FILE
     try:
         doc = tomllib.loads(path.read_text())
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: no plugin manifest here") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
-    return Manifest.from_doc(doc, source=str(path))
+    manifest = Manifest.from_doc(doc, source=str(path))
+    entry_point_inside(folder, manifest.entry_point, source=str(path))
+    return manifest
+
+
+def entry_point_inside(folder: Path, entry_point: str, *, source: str) -> Path:
+    """The entry point's real path, which must be inside the plugin's folder once every symlink is
+    resolved: a manifest must not make the host run (or hand to the plugin's user) a file elsewhere."""
+    base = folder.resolve()
+    real = (base / entry_point).resolve()
+    if real == base or not real.is_relative_to(base):
+        raise ConfigError(f"{source}: entry_point {entry_point!r} leads outside the plugin folder ({real})")
+    return real
 
 
 def builtin_dir() -> Path:
     return shipped("plugins")
-
-
-def discover(dirs: list[Path]) -> dict[str, tuple[Path, Manifest]]:
-    """Plugin folders (those holding a plugin.toml) under each of `dirs`, by plugin name; first wins.
-
-    An entry of `dirs` that is itself a plugin folder is that one plugin (operators point at the
-    folder they just wrote as often as at its parent)."""
-    found: dict[str, tuple[Path, Manifest]] = {}
-    for base in dirs:
-        if not base.is_dir():
-            continue
-        if (base / MANIFEST_FILE).is_file():
-            folders = [base]
-        else:
-            folders = [p for p in base.iterdir() if (p / MANIFEST_FILE).is_file()]
-        for folder in sorted(folders):
-            manifest = load(folder)
-            found.setdefault(manifest.name, (folder, manifest))
-    return found

@@ -78,11 +78,13 @@ class Names:
     executions: str
     cooldowns: str
     plugins: str
+    plugin_state: str  # what each host's agent says of its plugins: running, not runnable, crash loop
 
     @classmethod
     def of(cls, subjects: Subjects) -> Names:
         p = subjects.bucket_prefix
-        return cls(f"{p}_events", f"{p}_proposals", f"{p}_audit", f"{p}_executions", f"{p}_cooldowns", f"{p}_plugins")
+        return cls(f"{p}_events", f"{p}_proposals", f"{p}_audit", f"{p}_executions", f"{p}_cooldowns", f"{p}_plugins",
+                   f"{p}_plugin_state")
 
 
 def plugin_consumer_name(plugin: str, host: str) -> str:

@@ -5,14 +5,12 @@ between fork and exec."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import grp
 import os
 import pwd
 import shutil
 import stat
 import subprocess
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,9 @@ import structlog
 from tuxpilot.child import RLIMITS, child_setup
 from tuxpilot.protocol.errors import TuxPilotError
 from tuxpilot.protocol.manifest import Limits, Manifest
+from tuxpilot.runtimes.base import run_as
+from tuxpilot.runtimes.catalog import runtime_of
+from tuxpilot.runtimes.python import PROCESS_MODULE
 from tuxpilot.runtimes.settings import ConfinementConfig, HostSettings
 
 log = structlog.get_logger("tuxpilot.confine")
@@ -32,12 +33,13 @@ PROBE_TIMEOUT_S = 30.0
 # Where useradd lives; the agent's own PATH may not name sbin.
 SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin:/usr/local/bin:/usr/bin:/bin"
 # What the probe imports: the module a Python plugin process starts with.
-PROBE_IMPORT = "import tuxpilot.sdk.process"
+PROBE_IMPORT = f"import {PROCESS_MODULE}"
 
 PYTHON_FIX = (
     "install TuxPilot where {user} can read and run it (a virtualenv under /opt or /usr/local, not under "
     "/root), or set confinement.user = \"root\" to run plugins as root knowingly"
 )
+RUNTIME_FIX = "install the runtime where {user} can run it, or set confinement.user = \"root\" knowingly"
 PATH_FIX = "make the directory traversable for {user} (chmod o+x DIR) or move state_dir (default /var/lib/tuxpilot)"
 
 
@@ -145,28 +147,7 @@ def unreachable(path: Path, account: Account, bits: int) -> str | None:
 
 async def probe_python(python: str, account: Account, env: dict[str, str]) -> str | None:
     """Ask the kernel itself: can `account` start `python` and import TuxPilot? None, or why not."""
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            python, "-c", PROBE_IMPORT,
-            user=account.uid, group=account.gid, extra_groups=list(account.groups),
-            env=env, cwd="/", stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-    except OSError as exc:
-        return f"{account.name} cannot run {python}: {exc.strerror}"
-    try:
-        _, err = await asyncio.wait_for(proc.communicate(), PROBE_TIMEOUT_S)
-    except TimeoutError:
-        return f"{python} -c {PROBE_IMPORT!r} as {account.name} did not finish within {PROBE_TIMEOUT_S:.0f} s"
-    finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-    if proc.returncode == 0:
-        return None
-    last = (err.decode(errors="replace").strip().splitlines() or ["(no output)"])[-1]
-    return f"{account.name} cannot import TuxPilot with {python}: {last[:300]}"
+    return await run_as([python, "-c", PROBE_IMPORT], account, env)
 
 
 # -- limits ---------------------------------------------------------------------------------------
@@ -229,7 +210,8 @@ class Plan:
 class Confinement:
     """Decides, once per plugin, the user and rlimits its process runs with.
 
-    As root, plugins run as `confinement.user` (created when missing) unless that user cannot reach the
+    As root, each plugin runs as a user of its own (`tuxpilot-p-<name>`, or the user the config names;
+    created when missing) unless that user cannot reach the
     interpreter, the plugin's code or the state dir; then the plugin runs as root with a warning, or,
     with `confinement.strict`, not at all. What was learned (accounts, interpreter probes) is kept.
     """
@@ -237,7 +219,7 @@ class Confinement:
     def __init__(self, config: HostSettings):
         self.config = config
         self._lock = asyncio.Lock()
-        self._probes: dict[tuple[str, Account], str | None] = {}
+        self._probes: dict[tuple[tuple[str, ...], Account], str | None] = {}
 
     async def plan(
         self, name: str, folder: Path, manifest: Manifest, workdir: Path, credential: Path | None,
@@ -251,16 +233,16 @@ class Confinement:
         if os.geteuid() != 0:
             return Plan(None, limits)  # nothing to drop: plugins run as the agent's user
         settings = self.config.plugin(name)
-        user = settings.user or self.config.confinement.user
-        async with self._lock:  # plugins start together; one useradd, one probe
+        user = self.config.plugin_user(name)
+        async with self._lock:  # plugins start together: one useradd at a time
             try:
                 account = await self._account(user, settings.groups, plog)
             except TuxPilotError as exc:
                 return self._unconfined(limits, exc.message, f"create the user {user} by hand")
-            if account.is_root:
-                return self._unconfined(limits, f"the plugin user {user} is root",
-                                        "set confinement.user to an unprivileged user")
-            problems = await self._reach(manifest, folder, workdir, credential, account, env)
+        if account.is_root:
+            return self._unconfined(limits, f"the plugin user {user} is root",
+                                    "set confinement.user to an unprivileged user, or unset it")
+        problems = await self._reach(manifest, folder, workdir, credential, account, env)
         if problems:
             fixes = dict.fromkeys(fix.format(user=user) for _, fix in problems)
             return self._unconfined(limits, "; ".join(p for p, _ in problems), "; ".join(fixes))
@@ -296,35 +278,25 @@ class Confinement:
 
         The directories TuxPilot owns below the state dir are handed over once the answer is yes.
         """
-        entry = folder / manifest.entry_point
+        runtime = runtime_of(manifest)
         need = [(workdir.parent.parent, os.X_OK)]  # the state dir, and every directory above it
         if credential is not None:
             need.append((credential.parent.parent, os.X_OK))
-        if manifest.runtime == "native":
-            need.append((entry, os.X_OK | (os.R_OK if _is_script(entry) else 0)))
-        else:
-            need += [(entry, os.R_OK), (folder / "plugin.toml", os.R_OK)]
+        need += runtime.needs(folder, manifest)
         problems = [(p, PATH_FIX) for path, bits in dict.fromkeys(need) if (p := unreachable(path, account, bits))]
-        if manifest.runtime == "python":
-            key = (sys.executable, account)
+        argv = runtime.probe(env.get("PATH", ""))
+        if argv is not None:
+            key = (tuple(argv), account)
             if key not in self._probes:
-                found = await probe_python(sys.executable, account, env)
+                found = await run_as(argv, account, env)
                 if found is not None:
-                    hint = unreachable(Path(sys.executable), account, os.X_OK)
+                    hint = unreachable(Path(argv[0]), account, os.X_OK)
                     found = f"{found} ({hint})" if hint else found
                 self._probes[key] = found
             probed = self._probes[key]
             if probed is not None:
-                problems.insert(0, (probed, PYTHON_FIX))
+                problems.insert(0, (probed, PYTHON_FIX if runtime.name == "python" else RUNTIME_FIX))
         return problems
-
-
-def _is_script(path: Path) -> bool:
-    try:
-        with path.open("rb") as f:
-            return f.read(2) == b"#!"
-    except OSError:
-        return False
 
 
 def _hand_over(workdir: Path, credential: Path | None, account: Account) -> None:

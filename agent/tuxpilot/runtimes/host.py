@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import signal
-import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -22,7 +21,11 @@ from tuxpilot.lifetime import Part
 from tuxpilot.protocol import launch
 from tuxpilot.protocol.manifest import Manifest
 from tuxpilot.protocol.models import Event, Severity
+from tuxpilot.protocol.plugin_state import Exit, PluginState, State
+from tuxpilot.runtimes.base import Launch
+from tuxpilot.runtimes.catalog import runtime_of
 from tuxpilot.runtimes.confine import Confinement, Plan
+from tuxpilot.runtimes.loader import plugin_path
 from tuxpilot.runtimes.settings import HostSettings
 from tuxpilot.settings import environment_of
 
@@ -30,6 +33,8 @@ log = structlog.get_logger("tuxpilot.host")
 
 # Takes an event about a plugin (plugin.crash_loop, plugin.recovered…) to the bus.
 Report = Callable[[Event], Awaitable[None]]
+# Takes what the host knows of a plugin (running, exited, crash loop…) to where `status` reads it.
+Publish = Callable[[PluginState], Awaitable[None]]
 
 
 def backoff(previous: float, start: float = 0.5, limit: float = 60.0) -> float:
@@ -37,11 +42,13 @@ def backoff(previous: float, start: float = 0.5, limit: float = 60.0) -> float:
 
 
 def plugin_command(folder: Path, manifest: Manifest) -> list[str]:
-    if manifest.runtime == "python":
-        return [sys.executable, "-m", "tuxpilot.sdk.process", str(folder)]
-    if manifest.runtime == "javascript":
-        return ["node", str(folder / manifest.entry_point)]
-    return [str(folder / manifest.entry_point)]
+    """The command line of the plugin in `folder`, as its runtime starts it (without limits)."""
+    return runtime_of(manifest).launch(folder, manifest, {}, plugin_path()).argv
+
+
+def launch_of(plugin: Supervised) -> Launch:
+    limits = plugin.plan.limits if plugin.plan is not None else {}
+    return runtime_of(plugin.manifest).launch(plugin.folder, plugin.manifest, limits, plugin_path())
 
 
 def describe_exit(code: int | None) -> dict[str, Any]:
@@ -71,6 +78,7 @@ class Supervised:
     exits: deque[float] = field(default_factory=deque)  # when it exited, within the crash-loop window
     looping: bool = False  # a crash loop was reported and the plugin has not stayed up since
     removed: bool = False  # taken out of run_plugins while the host runs: not restarted again
+    last_exit: Exit | None = None
     proc: asyncio.subprocess.Process | None = field(default=None, repr=False)
 
 
@@ -78,7 +86,7 @@ class PluginHost(Part):
     """Runs `config.run_plugins` as child processes until stopped.
 
     `report` takes the events the host raises about its plugins; the agent publishes them as it
-    publishes the monitor's.
+    publishes the monitor's. `publish` takes each plugin's state whenever it changes.
     """
 
     def __init__(
@@ -87,8 +95,10 @@ class PluginHost(Part):
         url: str,
         plugins: dict[str, tuple[Path, Manifest]],
         report: Report | None = None,
+        publish: Publish | None = None,
     ):
         self.config = config
+        self.publish = publish
         self.url = url
         self.plugins = {
             name: Supervised(name, folder, manifest) for name, (folder, manifest) in plugins.items()
@@ -133,10 +143,7 @@ class PluginHost(Part):
         plan = plugin.plan
         if plan is not None and plan.account is not None:
             env["HOME"] = str(self.workdir(plugin))
-        if plan is not None and "memory_mb" in plan.limits:
-            # RLIMIT_AS counts address space: glibc's per-thread malloc arenas (64 MiB each) would
-            # use it up long before memory is, so a limited plugin keeps to two.
-            env["MALLOC_ARENA_MAX"] = "2"
+        env.update(launch_of(plugin).env)  # what its runtime adds, e.g. how its limits map
         return env
 
     async def start(self) -> None:
@@ -161,6 +168,9 @@ class PluginHost(Part):
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for plugin in self.plugins.values():
+            if plugin.plan is not None and plugin.plan.refused is None:
+                await self._state(plugin, "stopped")
 
     def add(self, name: str, folder: Path, manifest: Manifest, credentials: Path | None = None) -> None:
         """Start supervising one more plugin (`run_plugins` grew while the agent runs)."""
@@ -212,6 +222,7 @@ class PluginHost(Part):
             return
         if plan.refused is not None:
             plog.error("plugin.refused", reason=plan.refused, fix=plan.fix, strict=True)
+            await self._state(plugin, "refused", reason=f"{plan.refused}; fix: {plan.fix}")
             await self._report(plugin, "plugin.refused", "critical", reason=plan.refused, fix=plan.fix)
             return
         if plan.unconfined is not None:
@@ -234,7 +245,14 @@ class PluginHost(Part):
             while plugin.exits and now - plugin.exits[0] > sup.crash_loop_window_s:
                 plugin.exits.popleft()
             status = describe_exit(code)
+            plugin.last_exit = Exit(**status)
             plog.warning("plugin.process_exited", **status, restart_in_s=plugin.delay, restarts=plugin.restarts)
+            if plugin.looping or len(plugin.exits) >= sup.crash_loop_restarts:
+                await self._state(plugin, "crash_loop", reason=(
+                    f"exited {len(plugin.exits)} times within {sup.crash_loop_window_s:g} s; "
+                    f"next start in {plugin.delay:g} s"))
+            else:
+                await self._state(plugin, "exited", reason=f"restarting in {plugin.delay:g} s")
             if not plugin.looping and len(plugin.exits) >= sup.crash_loop_restarts:
                 plugin.looping = True
                 plog.error("plugin.crash_loop", restarts=len(plugin.exits), window_s=sup.crash_loop_window_s,
@@ -250,7 +268,7 @@ class PluginHost(Part):
         """Start the plugin's process and wait for it to end; its exit status (None: it never started)."""
         try:
             proc = plugin.proc = await asyncio.create_subprocess_exec(
-                *plugin_command(plugin.folder, plugin.manifest),
+                *launch_of(plugin).argv,
                 env=self.environment(plugin),
                 cwd=workdir,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -262,6 +280,8 @@ class PluginHost(Part):
         plugin.pid = proc.pid
         plog.info("plugin.process_started", pid=proc.pid, restarts=plugin.restarts, user=plan.user,
                   limits=plan.limits)
+        if not plugin.looping:
+            await self._state(plugin, "running")
         if plugin.looping:
             healthy_after = self.config.supervision.healthy_after_s
             try:
@@ -270,9 +290,28 @@ class PluginHost(Part):
                 plugin.looping = False
                 plugin.exits.clear()
                 plog.info("plugin.recovered", pid=proc.pid, up_s=healthy_after)
+                await self._state(plugin, "running")
                 await self._report(plugin, "plugin.recovered", "info", pid=proc.pid, up_s=healthy_after,
                                    total_restarts=plugin.restarts)
         return await proc.wait()
+
+    async def _state(self, plugin: Supervised, state: State, reason: str | None = None) -> None:
+        """Publish what the host knows of `plugin` now; never stops the supervision."""
+        if self.publish is None:
+            return
+        running = state == "running" or (state == "crash_loop" and plugin.proc is not None
+                                           and plugin.proc.returncode is None)
+        doc = PluginState(
+            host=self.config.host_id, plugin=plugin.name, state=state, runtime=plugin.manifest.runtime,
+            reason=reason, pid=plugin.pid if running else None,
+            user=plugin.plan.user if plugin.plan is not None else None, restarts=plugin.restarts,
+            last_exit=plugin.last_exit,
+        )
+        try:
+            await self.publish(doc)
+        except Exception as exc:
+            log.warning("plugin.state_not_published", plugin=plugin.name, host=self.config.host_id, state=state,
+                        error=f"{type(exc).__name__}: {exc}")
 
     async def _report(self, plugin: Supervised, kind: str, severity: Severity, value: float | None = None,
                       **data: Any) -> None:

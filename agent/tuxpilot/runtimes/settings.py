@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field
@@ -20,6 +22,11 @@ class PluginSettings(Section):
     groups: list[str] = Field(
         default_factory=list, description='Supplementary groups of the plugin process, e.g. ["docker"].'
     )
+    folder: Path | None = Field(
+        None,
+        description="When several plugin folders hold a plugin of this name: the one to load (the others are "
+        "refused). Unset: a built-in wins over a folder in plugin_dirs.",
+    )
 
     def granted(self, manifest: Manifest) -> frozenset[Permission]:
         if self.permissions is not None:
@@ -30,9 +37,14 @@ class PluginSettings(Section):
 class ConfinementConfig(Section):
     """How local plugin processes are confined: the user they run as, their rlimits."""
 
-    user: str = Field(
-        "tuxpilot-plugin",
-        description="Unprivileged user plugins run as when the agent runs as root; created when missing.",
+    user: str | None = Field(
+        None,
+        description="One user every plugin runs as when the agent runs as root; unset: each plugin runs as a "
+        "user of its own, user_prefix + its name (created when missing), so that no plugin can trace, signal "
+        "or read another.",
+    )
+    user_prefix: Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_-]{0,15}$")] = Field(
+        "tuxpilot-p-", description="Prefix of each plugin's own user."
     )
     strict: bool = Field(
         False,
@@ -62,6 +74,19 @@ class SupervisionConfig(Section):
     crash_loop_window_s: Seconds = 60.0
 
 
+# useradd refuses longer names.
+MAX_USER_NAME = 32
+
+
+def own_user(prefix: str, plugin: str) -> str:
+    """The name of a plugin's own user: prefix + plugin name, shortened with a hash to fit useradd."""
+    name = prefix + plugin
+    if len(name) <= MAX_USER_NAME:
+        return name
+    digest = hashlib.sha256(plugin.encode()).hexdigest()[:8]
+    return f"{prefix}{plugin[: MAX_USER_NAME - len(prefix) - 9]}-{digest}"
+
+
 class HostSettings(NodeSettings):
     """What the plugin host needs of the agent's configuration."""
 
@@ -71,3 +96,8 @@ class HostSettings(NodeSettings):
 
     def plugin(self, name: str) -> PluginSettings:
         return self.plugins.get(name) or PluginSettings()
+
+    def plugin_user(self, name: str) -> str:
+        """Who the plugin runs as when the agent runs as root: [plugins.<name>] user, else confinement.user,
+        else a user of its own."""
+        return self.plugin(name).user or self.confinement.user or own_user(self.confinement.user_prefix, name)

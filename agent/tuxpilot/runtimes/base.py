@@ -1,0 +1,83 @@
+"""What every runtime tells the plugin host: whether this host can run a plugin of it, how to start one
+(argv, environment), what the plugin's user must be able to reach and run, and how the manifest's limits
+map onto the process. One module per manifest runtime implements it; `catalog` picks one by name."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from tuxpilot.protocol.manifest import Manifest
+
+if TYPE_CHECKING:
+    from tuxpilot.runtimes.confine import Account
+
+PROBE_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How one plugin process is started."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)  # added to the plugin's launch environment
+    rlimits: dict[str, int] = field(default_factory=dict)  # manifest limits the kernel enforces as rlimits
+
+
+class Runtime:
+    """A manifest runtime. The defaults suit a program the kernel runs directly; subclasses say otherwise."""
+
+    name: ClassVar[str]
+
+    def missing(self, folder: Path, manifest: Manifest, path: str) -> str | None:
+        """What this host lacks to run the plugin (checked when it is loaded), or None. `path` is the PATH
+        the plugin will get."""
+        entry = folder / manifest.entry_point
+        return None if entry.is_file() else f"its entry point {entry} does not exist"
+
+    def launch(self, folder: Path, manifest: Manifest, limits: dict[str, int], path: str) -> Launch:
+        raise NotImplementedError
+
+    def needs(self, folder: Path, manifest: Manifest) -> list[tuple[Path, int]]:
+        """What the plugin's user must reach, with the access it needs (os.R_OK | os.X_OK …)."""
+        return [(folder / manifest.entry_point, os.R_OK), (folder / "plugin.toml", os.R_OK)]
+
+    def probe(self, path: str) -> list[str] | None:
+        """A command the plugin's user must be able to run for the runtime to work (asked of the kernel
+        once per user), or None."""
+        return None
+
+
+def which(program: str, path: str) -> str | None:
+    return shutil.which(program, path=path)
+
+
+async def run_as(argv: list[str], account: Account, env: dict[str, str]) -> str | None:
+    """Run `argv` as `account`: None when it succeeds, else why not (its last line of output)."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            user=account.uid, group=account.gid, extra_groups=list(account.groups),
+            env=env, cwd="/", stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except OSError as exc:
+        return f"{account.name} cannot run {argv[0]}: {exc.strerror}"
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), PROBE_TIMEOUT_S)
+    except TimeoutError:
+        return f"{' '.join(argv)} as {account.name} did not finish within {PROBE_TIMEOUT_S:.0f} s"
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+    if proc.returncode == 0:
+        return None
+    last = (err.decode(errors="replace").strip().splitlines() or ["(no output)"])[-1]
+    return f"{account.name} cannot run {' '.join(argv)}: {last[:300]}"
