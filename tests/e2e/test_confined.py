@@ -1,5 +1,5 @@
 """The whole pipeline with its plugin really confined: TuxPilot installed (from its wheel) into a venv the
-unprivileged plugin user can run, `tuxpilot up` as root, the sysmon plugin under `tuxpilot-plugin`.
+unprivileged plugin user can run, `tuxpilot up` as root, the sysmon plugin under its own user `tuxpilot-p-sysmon`.
 
 The development venv cannot show this: its Python lives under /root (mode 0700), so there plugins run
 as root with a `plugin.unconfined` warning. Here the venv is made from the system's Python, in a
@@ -27,7 +27,8 @@ from tests.test_docker import _engine
 
 pytestmark = pytest.mark.slow
 
-PLUGIN_USER = "tuxpilot-plugin"
+SYSMON_USER = "tuxpilot-p-sysmon"  # each plugin runs as a user of its own
+DOCKER_USER = "tuxpilot-p-docker"
 HOST = "confined-host"
 
 
@@ -145,9 +146,9 @@ def test_up_as_root_runs_the_plugin_as_the_plugin_user_end_to_end(up: Callable[[
     host.start()
     # Who the sysmon instance is, as it reports itself and as the kernel sees it.
     instance = host.instance("sysmon")
-    assert instance["user"] == PLUGIN_USER
+    assert instance["user"] == SYSMON_USER
     process = psutil.Process(int(instance["pid"]))
-    assert process.username() == PLUGIN_USER
+    assert process.username() == SYSMON_USER
     assert process.uids().real == process.uids().effective != 0
 
     # It works under that user: its own credentials, the bus, an action over the gate's subjects.
@@ -159,7 +160,7 @@ def test_up_as_root_runs_the_plugin_as_the_plugin_user_end_to_end(up: Callable[[
     agent_file = next(p for p in (host.state / "credentials").glob("*.json") if "agent" in p.name)
     for secret in (agent_file, host.config):
         probe = subprocess.run(
-            ["/bin/cat", str(secret)], user=PLUGIN_USER, capture_output=True, timeout=30, check=False
+            ["/bin/cat", str(secret)], user=SYSMON_USER, capture_output=True, timeout=30, check=False
         )
         assert probe.returncode != 0 and b"Permission denied" in probe.stderr
     log = host.stop()
@@ -175,7 +176,7 @@ def test_confined_docker_plugin_needs_the_docker_group_for_the_engine_socket(up:
     # Without the group: the socket is root:docker 0660, and the plugin's user is neither.
     host = up('run_plugins = ["docker"]\n')
     host.start()
-    assert host.instance("docker")["user"] == PLUGIN_USER
+    assert host.instance("docker")["user"] == DOCKER_USER
     denied = host.cli("call", HOST, "docker", "list_containers")
     assert denied.returncode == 1
     error = json.loads(denied.stdout)
@@ -186,7 +187,50 @@ def test_confined_docker_plugin_needs_the_docker_group_for_the_engine_socket(up:
     # The operator names the group for this plugin: the same plugin reaches the engine.
     host = up('run_plugins = ["docker"]\n[plugins.docker]\ngroups = ["docker"]\n')
     host.start()
-    assert host.instance("docker")["user"] == PLUGIN_USER
+    assert host.instance("docker")["user"] == DOCKER_USER
     listed = host.cli("call", HOST, "docker", "list_containers")
     assert listed.returncode == 0, listed.stdout + listed.stderr
     assert json.loads(listed.stdout)["status"] == "ok"
+
+
+TEST_PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
+
+
+def attack(host: Up, victim: dict[str, str], signal_number: int) -> dict[str, str]:
+    """The prober plugin attacks the victim's process: ptrace, /proc/<pid>/mem, its credential file, a signal."""
+    credential = host.state / "credentials" / f"tuxpilot-{HOST}-plugin-{victim['plugin']}.json"
+    params = {"pid": int(victim["pid"]), "signal": signal_number, "read": str(credential)}
+    done = host.cli("call", HOST, "prober", "attack", json.dumps(params))
+    assert done.returncode == 0, done.stdout + done.stderr
+    outcome: dict[str, str] = json.loads(done.stdout)["data"]
+    return outcome
+
+
+def test_each_plugin_runs_as_its_own_user_and_cannot_trace_signal_or_read_another(up: Callable[[str], Up]) -> None:
+    host = up(f'run_plugins = ["sysmon", "prober"]\nplugin_dirs = ["{TEST_PLUGINS}"]\n')
+    host.start()
+    sysmon, prober = host.instance("sysmon"), host.instance("prober")
+    assert (sysmon["user"], prober["user"]) == (SYSMON_USER, "tuxpilot-p-prober")
+    assert psutil.Process(int(sysmon["pid"])).uids().real != psutil.Process(int(prober["pid"])).uids().real
+
+    outcome = attack(host, sysmon, signal.SIGKILL)
+    assert outcome["ptrace"] == "EPERM", outcome  # PTRACE_ATTACH refused
+    assert outcome["mem"] in ("EACCES", "EPERM"), outcome  # /proc/<pid>/mem refused
+    assert outcome["read"] == "EACCES", outcome  # its credential file
+    assert outcome["kill"] == "EPERM", outcome  # SIGKILL refused
+    # The victim is untouched: the same process, still answering.
+    assert host.instance("sysmon")["pid"] == sysmon["pid"]
+    called = host.cli("call", HOST, "sysmon", "top_processes", '{"n": 1}')
+    assert called.returncode == 0, called.stderr
+    host.stop()
+
+    # The same attack between two plugins that share one user (as every plugin did before): it works,
+    # so the test above measures the separate users, not something else in the way.
+    shared = up(f'run_plugins = ["sysmon", "prober"]\nplugin_dirs = ["{TEST_PLUGINS}"]\n'
+                '[confinement]\nuser = "tuxpilot-plugin"\n')
+    shared.start()
+    victim = shared.instance("sysmon")
+    assert victim["user"] == shared.instance("prober")["user"] == "tuxpilot-plugin"
+    outcome = attack(shared, victim, 0)  # signal 0: permission check only, the victim lives
+    assert outcome["ptrace"] == "ok" and outcome["mem"].startswith("ok") and outcome["read"].startswith("ok"), outcome
+    assert outcome["kill"] == "ok", outcome
