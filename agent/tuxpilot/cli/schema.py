@@ -16,7 +16,6 @@ from tuxpilot.cli.common import (
     table,
 )
 from tuxpilot.protocol import schemas
-from tuxpilot.protocol.errors import ConfigError
 
 app = typer.Typer(help="The JSON Schemas that are the contract with plugins.", no_args_is_help=True)
 
@@ -49,17 +48,14 @@ def schema_show(
 
 
 def _action_schema(ctx: typer.Context, name: str, *, result: bool) -> dict[str, Any]:
-    from tuxpilot.agent.app import plugin_dirs
-    from tuxpilot.protocol.manifest import discover
+    from tuxpilot.agent.app import host_plugins
 
     plugin, _, action = name.partition(".")
-    try:
-        found = discover(plugin_dirs(config_of(ctx)))
-    except ConfigError as exc:
-        fail(exc.message, EXIT_USAGE)
+    found = {n: (f.folder, f.manifest) for n, f in host_plugins(config_of(ctx)).plugins.items() if f.manifest}
     if plugin not in found:
         fail(f"no plugin named {plugin!r} installed (installed: {', '.join(sorted(found)) or 'none'})", EXIT_USAGE)
     manifest = found[plugin][1]
+    assert manifest is not None
     if action not in manifest.actions:
         fail(f"{plugin} has no action {action!r} (it has: {', '.join(sorted(manifest.actions))})", EXIT_USAGE)
     spec = manifest.actions[action]
