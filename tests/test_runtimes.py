@@ -229,12 +229,14 @@ def test_plugin_grant_keeps_the_host_config_private(tmp_path: Path) -> None:
     config.chmod(0o644)
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("TUXPILOT_")},
            "TUXPILOT_STATE_DIR": str(tmp_path / "state")}
-    grant = [tuxpilot_exe(), "--config", str(config), "plugin", "grant", "sysmon", "filesystem_read"]
-    done = subprocess.run(grant, capture_output=True, text=True, env=env, timeout=60, check=False)
+    cli = [tuxpilot_exe(), "--config", str(config), "plugin"]
+    done = subprocess.run([*cli, "revoke", "sysmon", "filesystem_read"], capture_output=True, text=True, env=env,
+                          timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert stat.S_IMODE(config.stat().st_mode) == 0o640  # others lose read; the group keeps it
     config.chmod(0o600)
-    done = subprocess.run(grant, capture_output=True, text=True, env=env, timeout=60, check=False)
+    done = subprocess.run([*cli, "grant", "sysmon", "filesystem_read"], capture_output=True, text=True, env=env,
+                          timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert stat.S_IMODE(config.stat().st_mode) == 0o600
     assert "filesystem_read" in config.read_text()

@@ -85,12 +85,17 @@ def plugin_list(
         return
     # One name per line, so the table fits 80 columns (piped, or a narrow terminal) without cutting
     # an action's name; `--json` has every field.
-    grid = table("plugin", "kind", "actions", "granted", "runnable")
+    grid = table("plugin", "kind", "actions", "granted")
     for r in rows:
-        about = [r["name"], r["version"] or "-", *([f"{r['running']} running"] if live else [])]
+        about = [r["name"], r["version"] or "-", *([f"{r['running']} running"] if live else []),
+                 *([] if r["runnable"] else ["NOT RUNNABLE"])]
         add_row(grid, "\n".join(about), f"{r['category'] or '-'}\n{r['runtime'] or '-'}", "\n".join(r["actions"]),
-                "\n".join(r["granted"]), "yes" if r["runnable"] else f"no: {r['problem']}")
+                "\n".join(r["granted"]))
     out.print(grid)
+    # Why not, one line each under the table: a reason names paths and would not fit a cell.
+    for r in rows:
+        if not r["runnable"]:
+            out.print(f"{r['name']} ({r['path']}) is not runnable: {r['problem']}", markup=False)
 
 
 def _grant(ctx: typer.Context, name: str, permissions: list[str], *, revoke: bool) -> None:
