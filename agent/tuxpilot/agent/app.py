@@ -220,10 +220,6 @@ class Agent:
         cfg = self.config
         selected = select_plugins(cfg) if self.run_plugins else LocalPlugins({}, {}, [])
         plugins = self._plugins = selected.run
-        for found in selected.skipped:
-            log.error("plugin.skipped", plugin=found.name, folder=str(found.folder), reason=found.problem)
-        for name, found in selected.refused.items():
-            log.error("plugin.not_runnable", plugin=name, runtime=found.runtime, reason=found.problem)
         stack.enter_context(state_dir_lock(cfg.state_dir))  # before anything in the state dir is touched
         credentials: dict[str, Path] = {}
         nats_cfg = cfg.nats
@@ -256,9 +252,7 @@ class Agent:
         for _, manifest in plugins.values():
             await create_plugin_consumer(js, manifest, self.subjects, cfg.streams)
         self._states = await state_bucket(js, self.subjects, cfg.streams.replicas)
-        for name, found in selected.refused.items():
-            await self._publish_state(PluginState(host=cfg.host_id, plugin=name, state="not_runnable",
-                                                  runtime=found.runtime, reason=found.problem))
+        await self._refuse(selected)
         self.outbox = await stack.enter_async_context(Outbox(self._send_event, limit=cfg.monitor.buffer_events))
         await stack.enter_async_context(
             subscription(
@@ -305,10 +299,12 @@ class Agent:
                 return  # an agent that runs no plugins (or is stopping)
             trial = self.config.model_copy(update={"run_plugins": fresh.run_plugins, "plugin_dirs": fresh.plugin_dirs})
             try:
-                wanted = local_plugins(trial)
+                selected = select_plugins(trial)
             except ConfigError as exc:
                 log.error("config.run_plugins_not_applied", error=exc.message, running=sorted(self._plugins))
                 return
+            wanted = selected.run
+            await self._refuse(selected)
             current = self._plugins
             stop = [n for n, (folder, _) in current.items() if n not in wanted or wanted[n][0] != folder]
             start = {n: v for n, v in wanted.items() if n not in current or n in stop}
@@ -404,6 +400,15 @@ class Agent:
         )
         log.error("agent.dead_letter", plugin=plugin, event_id=event.id, type=event.type)
         await self.nc.publish(self.subjects.result(plugin, DEAD_LETTER_ACTION), result.to_json())
+
+    async def _refuse(self, selected: LocalPlugins) -> None:
+        """Say, one line each, which plugin folders are not loaded and which plugins will not run here."""
+        for found in selected.skipped:
+            log.error("plugin.skipped", plugin=found.name, folder=str(found.folder), reason=found.problem)
+        for name, found in selected.refused.items():
+            log.error("plugin.not_runnable", plugin=name, runtime=found.runtime, reason=found.problem)
+            await self._publish_state(PluginState(host=self.config.host_id, plugin=name, state="not_runnable",
+                                                  runtime=found.runtime, reason=found.problem))
 
     async def _publish_state(self, state: PluginState) -> None:
         """What the plugin host knows of a plugin, where `tuxpilot status` reads it."""

@@ -29,7 +29,6 @@ from tuxpilot.cli.common import (
     table,
 )
 from tuxpilot.protocol.errors import ConfigError
-from tuxpilot.protocol.manifest import Manifest
 from tuxpilot.protocol.names import Subjects
 from tuxpilot.settings import NatsConfig, default_config_path
 

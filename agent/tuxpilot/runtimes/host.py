@@ -207,6 +207,7 @@ class PluginHost(Part):
             with contextlib.suppress(ProcessLookupError):
                 plugin.proc.kill()
             await plugin.proc.wait()
+        await self._state(plugin, "stopped")
 
     async def _supervise(self, plugin: Supervised) -> None:
         plog = log.bind(plugin=plugin.name, host=self.config.host_id)
