@@ -243,6 +243,7 @@ async def test_ungranted_permission_is_refused_until_plugin_grant(
     refused = (await gate.handle(proposal("reboot")))[0]
     assert refused.status == "refused"
     assert "system_access" in (refused.message or "")
+    assert "run `tuxpilot plugin grant demo system_access`" in (refused.message or "")  # says how
 
     plugins = tmp_path / "plugins" / "demo"
     plugins.mkdir(parents=True)

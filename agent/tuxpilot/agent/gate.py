@@ -123,8 +123,8 @@ def check_permission(config: Config, manifest: Manifest, spec: ActionSpec, actio
     raise Stop(
         "refused",
         "permission_not_granted",
-        f"{action.plugin}.{action.action} needs permission {spec.permission.value!r}, "
-        f"which this host has not granted to {manifest.name}",
+        f"{action.plugin}.{action.action} needs permission {spec.permission.value!r}, which this host has not "
+        f"granted to {manifest.name}; run `tuxpilot plugin grant {manifest.name} {spec.permission.value}` to grant it",
     )
 
 
