@@ -40,7 +40,7 @@ class Up:
 
     def __init__(self, tmp: Path):
         self.home = tmp / "home"
-        self.home.mkdir()
+        self.home.mkdir(exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("TUXPILOT_") and k != "XDG_CONFIG_HOME"}
         self.env = {**env, "HOME": str(self.home), "TUXPILOT_STATE_DIR": str(tmp / "state"),
                     "TUXPILOT_CONFIG": "/dev/null"}
@@ -181,3 +181,28 @@ def test_a_selected_context_is_kept_and_the_output_says_how_to_select(up: Up) ->
     assert Path(files["operator"]["credential_file"]).is_file()
     text = up.cli("auth", "show")
     assert f"credentials:   {files['operator']['credential_file']}" in text.stdout
+
+
+def test_up_points_the_hosts_contexts_at_its_new_port(tmp_path: Path) -> None:
+    node = _node()
+    first = Up(tmp_path)
+    try:
+        assert first.cli("auth", "context").returncode == 0
+        assert first.cli("auth", "context", "--name", "other").returncode == 0
+    finally:
+        first.stop()
+    second = Up(tmp_path)  # same state dir and home, a new port
+    try:
+        for name in (f"tuxpilot-{default_host_id()}", "other"):
+            doc = json.loads((second.home / ".config" / "nats" / "context" / f"{name}.json").read_text())
+            assert doc["url"] == second.url, name
+        line = f"nats req tuxpilot.act.{default_host_id()}.sysmon.top_processes '{{\"n\":1}}'"
+        deadline = time.monotonic() + 30
+        while True:
+            done = second.shell(line, node)
+            if "No responders" not in done.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert done.returncode == 0 and json.loads(done.stdout)["status"] == "ok", done.stderr
+    finally:
+        second.stop()

@@ -4,6 +4,7 @@ connect as a TuxPilot user, with that user's reply-inbox prefix, and nothing els
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -64,6 +65,29 @@ def context_doc(url: str, cfg: NatsConfig, *, description: str) -> dict[str, Any
     if inbox:
         doc["inbox_prefix"] = inbox
     return doc
+
+
+def description(user: str, host: str) -> str:
+    """What marks a context as TuxPilot's, for `refresh_urls`."""
+    return f"TuxPilot {user} on host {host}"
+
+
+def refresh_urls(host: str, url: str, environ: dict[str, str] | None = None) -> list[Path]:
+    """Point the contexts `tuxpilot auth context` wrote for `host` at `url` (a local `up` listens on a new
+    port each start); their credentials stay. The contexts changed."""
+    changed = []
+    for path in sorted((config_home(environ) / "context").glob("*.json")):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        text = doc.get("description") if isinstance(doc, dict) else None
+        if isinstance(text, str) and text.startswith("TuxPilot ") and text.endswith(f" on host {host}") \
+                and doc.get("url") != url:
+            doc["url"] = url
+            write_private(path, json.dumps(doc, indent=2) + "\n")
+            changed.append(path)
+    return changed
 
 
 def write_private(path: Path, text: str) -> None:

@@ -99,7 +99,7 @@ def auth_context(
             fail(f"no credential file {found}: `tuxpilot up` writes it", EXIT_USAGE)
         credentials = config.nats.model_copy(update={"user_file": found})
     try:
-        doc = natscontext.context_doc(url, credentials, description=f"TuxPilot {user} on host {config.host_id}")
+        doc = natscontext.context_doc(url, credentials, description=natscontext.description(user, config.host_id))
     except (OSError, ValueError) as exc:
         fail(f"cannot read the credentials: {exc}", EXIT_USAGE)
     natscontext.write_private(path, json.dumps(doc, indent=2) + "\n")
@@ -112,6 +112,3 @@ def auth_context(
     else:
         out.print(f"select it with: nats context select {name}   (now selected: {previous}; "
                   f"or add --context {name} to each command)", markup=False)
-    if not config.nats.url and config.embedded.port == -1:
-        out.print("`tuxpilot up` takes a new port each start (embedded.port = -1): run this again after "
-                  "restarting it, or set embedded.port", markup=False)

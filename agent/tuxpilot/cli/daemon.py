@@ -11,6 +11,7 @@ import typer
 from tuxpilot import __version__
 from tuxpilot.agent.app import Agent
 from tuxpilot.bus import connect as bus
+from tuxpilot.bus import natscontext
 from tuxpilot.cli.common import (
     config_of,
     fail,
@@ -32,7 +33,11 @@ def up(ctx: typer.Context, quiet: Annotated[bool, typer.Option(help="Do not prin
         if runner.done():
             await runner  # start failed: raise its error
             return
+        # A new port each start: the `nats` contexts for this host follow it (before the line that says up).
+        moved = natscontext.refresh_urls(config.host_id, agent.url) if agent.server is not None else []
         out.print(f"TuxPilot {__version__} up on [bold]{agent.url}[/] as host [bold]{config.host_id}[/]")
+        for path in moved:
+            out.print(f"nats context {path.stem} now points at {agent.url}", markup=False)
         sys.stdout.flush()
         if not quiet and agent.nc is not None:
             s = agent.subjects
