@@ -49,8 +49,10 @@ class Running:
         return self.proc.wait()
 
 
-@pytest.fixture
-def up(tmp_path: Path) -> Iterator[Up]:
+@pytest.fixture(params=["auth", "no-auth"])
+def up(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Up]:
+    if request.param == "no-auth":  # embedded.auth = false: the agent still loads the manifest
+        monkeypatch.setenv("TUXPILOT_EMBEDDED_AUTH", "false")
     running = Up(tmp_path / "state")
     yield running
     if running.proc.poll() is None:
@@ -88,7 +90,8 @@ def test_a_plugin_run_by_hand_just_works_against_the_local_up(up: Up, tmp_path: 
     assert "Authorization Violation" not in output and "Permissions Violation" not in output, output
 
 
-def test_a_plugin_run_by_hand_may_not_take_the_name_of_one_the_agent_runs(up: Up, tmp_path: Path) -> None:
+def test_a_plugin_run_by_hand_may_not_take_the_name_of_one_the_agent_runs(up_auth: Up, tmp_path: Path) -> None:
+    up = up_auth
     impostor = tmp_path / "sysmon"
     shutil.copytree(HELLO, impostor)
     manifest = impostor / "plugin.toml"
@@ -99,7 +102,17 @@ def test_a_plugin_run_by_hand_may_not_take_the_name_of_one_the_agent_runs(up: Up
     assert "runs plugin 'sysmon'" in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
-async def test_only_the_operator_may_ask_the_agent_to_load_a_plugin(up: Up, tmp_path: Path) -> None:
+@pytest.fixture
+def up_auth(tmp_path: Path) -> Iterator[Up]:
+    running = Up(tmp_path / "state")
+    yield running
+    if running.proc.poll() is None:
+        running.proc.kill()
+        running.proc.wait()
+
+
+async def test_only_the_operator_may_ask_the_agent_to_load_a_plugin(up_auth: Up, tmp_path: Path) -> None:
+    up = up_auth
     # A running plugin that could make the agent load a folder would get itself a second identity.
     import asyncio
 

@@ -189,7 +189,7 @@ async def _plugin_credentials(config: Config, folder: Path) -> NatsConfig:
     from tuxpilot.bus import connect as bus
 
     cfg = config.nats
-    if cfg.user or cfg.user_file or cfg.creds or cfg.token or bus.local_nats(config).user_file is None:
+    if cfg.user or cfg.user_file or cfg.creds or cfg.token:
         return cfg
     subjects = Subjects.of(config)
     nc = await connect(config)  # as the operator, who alone may ask the agent
@@ -199,8 +199,12 @@ async def _plugin_credentials(config: Config, folder: Path) -> NatsConfig:
             timeout=cfg.request_timeout_s + cfg.connect_timeout_s,
         )
     except NoRespondersError:
-        fail(f"no agent for host {config.host_id} answers at {bus.local_url(config)}: is `tuxpilot up` running?",
-             EXIT_UNAVAILABLE)
+        where = f"no agent for host {config.host_id} answers at {bus.local_url(config)}"
+        if bus.local_nats(config).user_file is not None:
+            fail(f"{where}: is `tuxpilot up` running?", EXIT_UNAVAILABLE)
+        # A bare server (no authorization, no agent): the plugin can run, but no gate acts on its proposals.
+        err.print(f"warning: {where}; the plugin runs, but no gate has loaded its manifest", markup=False)
+        return cfg
     except NatsTimeout:
         fail(f"the agent did not answer within {cfg.request_timeout_s + cfg.connect_timeout_s:g} s", EXIT_TIMEOUT)
     finally:
