@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -23,13 +25,14 @@ URL_LINE = re.compile(r"up on (nats://127\.0\.0\.1:\d+)")
 
 
 class Up:
-    def __init__(self, state: Path):
+    def __init__(self, state: Path, **extra: str):
         self.state = state
         env = {
             **os.environ,
             "TUXPILOT_STATE_DIR": str(state),
             "TUXPILOT_HOST_ID": "up-host",
             "TUXPILOT_MONITOR_INTERVAL_S": "0.5",
+            **extra,
         }
         env.pop("TUXPILOT_NATS_URL", None)
         env.pop("TUXPILOT_CONFIG", None)
@@ -225,3 +228,61 @@ def test_a_second_up_on_the_same_state_dir_is_refused_and_leaves_the_first_alone
     assert (up.state / "nats.url").read_text().strip() == up.url
     assert _called(up).returncode == 0
     assert up.proc.poll() is None
+
+
+TEST_PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
+
+
+async def test_a_plugin_answering_discovery_in_another_plugins_name_is_not_counted(tmp_path: Path) -> None:
+    """prober's own NATS user answers `$SRV.PING` as "sysmon" on this host, with sysmon's pid and user:
+    `status` and `plugin list --live` still count one sysmon, and status names the impostor."""
+    import nats.micro
+    from tuxpilot.bus.connect import connect
+    from tuxpilot.settings import NatsConfig
+
+    up = Up(tmp_path / "state", TUXPILOT_RUN_PLUGINS=json.dumps(["sysmon", "prober"]),
+            TUXPILOT_PLUGIN_DIRS=json.dumps([str(TEST_PLUGINS)]), TUXPILOT_CONFINEMENT_USER="root")
+    try:
+        assert (await asyncio.to_thread(_called, up)).returncode == 0
+
+        def status() -> dict[str, Any]:
+            shown = up.cli("status", "--json")
+            assert shown.returncode == 0, shown.stderr
+            doc: dict[str, Any] = json.loads(shown.stdout)
+            return doc
+
+        deadline = time.monotonic() + 30
+        while True:
+            state = await asyncio.to_thread(status)
+            if {"sysmon", "prober"} <= {r["plugin"] for r in state["running"]}:
+                break
+            assert time.monotonic() < deadline, f"plugins never came up: {state['running']}"
+            await asyncio.sleep(0.3)
+        [real] = [r for r in state["running"] if r["plugin"] == "sysmon"]
+        assert real["started_by_agent"] is True
+
+        credential = up.state / "credentials" / "tuxpilot-up-host-plugin-prober.json"
+        nc = await connect(NatsConfig(user_file=credential), up.url, name="spoofer")
+        try:
+            fake = await nats.micro.add_service(
+                nc, name="sysmon", version="1.0.0", description="not sysmon", queue_group="sysmon",
+                metadata={"tuxpilot": "plugin", "host": "up-host", "api_version": "1", "user": real["user"],
+                          "pid": str(real["pid"])},
+            )
+            await nc.flush()
+            state = await asyncio.to_thread(status)
+            sysmons = [r for r in state["running"] if r["plugin"] == "sysmon"]
+            assert [r["id"] for r in sysmons] == [real["id"]], sysmons
+            [impostor] = state["impostors"]
+            assert impostor["plugin"] == "sysmon" and impostor["id"] == fake.id
+            listed = await asyncio.to_thread(up.cli, "plugin", "list", "--live", "--json")
+            assert listed.returncode == 0, listed.stderr
+            assert next(r for r in json.loads(listed.stdout) if r["name"] == "sysmon")["running"] == 1
+            table = await asyncio.to_thread(up.cli, "status")
+            assert f"impostor: an instance ({fake.id}) claims to be sysmon on up-host" in table.stdout
+            await fake.stop()
+        finally:
+            await nc.close()
+    finally:
+        up.proc.terminate()
+        up.proc.wait(30)
