@@ -28,8 +28,6 @@ from tuxpilot.runtimes.settings import ConfinementConfig, HostSettings
 
 log = structlog.get_logger("tuxpilot.confine")
 
-_PR_SET_PDEATHSIG = 1
-PROBE_TIMEOUT_S = 30.0
 # Where useradd lives; the agent's own PATH may not name sbin.
 SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin:/usr/local/bin:/usr/bin:/bin"
 # What the probe imports: the module a Python plugin process starts with.
@@ -211,9 +209,9 @@ class Confinement:
     """Decides, once per plugin, the user and rlimits its process runs with.
 
     As root, each plugin runs as a user of its own (`tuxpilot-p-<name>`, or the user the config names;
-    created when missing) unless that user cannot reach the
-    interpreter, the plugin's code or the state dir; then the plugin runs as root with a warning, or,
-    with `confinement.strict`, not at all. What was learned (accounts, interpreter probes) is kept.
+    created when missing) unless that user cannot reach what the plugin's runtime needs, the plugin's
+    code or the state dir; then the plugin runs as root with a warning, or, with `confinement.strict`,
+    not at all. What was learned (accounts, runtime probes) is kept.
     """
 
     def __init__(self, config: HostSettings):
