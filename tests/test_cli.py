@@ -46,7 +46,9 @@ def test_an_unreachable_server_is_one_line_naming_the_url_and_exit_3(
     assert url in lines[0]
 
 
-@pytest.mark.parametrize("command", [["status"], ["audit"], ["plugin", "run", str(builtin_dir() / "sysmon")]])
+@pytest.mark.parametrize(
+    "command", [["status"], ["audit"], ["agent"], ["auth", "context"], ["plugin", "run", str(builtin_dir() / "sysmon")]]
+)
 def test_no_server_at_all_is_exit_3_everywhere(tmp_path: Path, command: list[str]) -> None:
     done = run(*command, env=clean_env(tmp_path), timeout=30)
     assert done.returncode == EXIT_UNAVAILABLE, done.stderr

@@ -13,6 +13,7 @@ from tuxpilot.agent.app import Agent
 from tuxpilot.bus import connect as bus
 from tuxpilot.bus import natscontext
 from tuxpilot.cli.common import (
+    EXIT_UNAVAILABLE,
     config_of,
     fail,
     out,
@@ -57,5 +58,6 @@ def agent(ctx: typer.Context) -> None:
     """Run the agent (gate, monitor, local plugins) against the configured NATS server."""
     config = config_of(ctx)
     if bus.local_url(config) is None:
-        fail("config key nats.url: the agent needs a server (TUXPILOT_NATS_URL); `tuxpilot up` embeds one", 2)
+        fail("no NATS server: the agent needs one (nats.url, TUXPILOT_NATS_URL); `tuxpilot up` embeds one",
+             EXIT_UNAVAILABLE)
     run_async(Agent(config, embedded=False).run())
