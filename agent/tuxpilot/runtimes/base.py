@@ -81,3 +81,16 @@ async def run_as(argv: list[str], account: Account, env: dict[str, str]) -> str 
         return None
     last = (err.decode(errors="replace").strip().splitlines() or ["(no output)"])[-1]
     return f"{account.name} cannot run {' '.join(argv)}: {last[:300]}"
+
+
+class Unavailable(Runtime):
+    """A runtime the manifest schema names but this TuxPilot cannot run yet: refused when the plugin is
+    loaded, instead of exec'ing its entry point and crash-looping on EACCES."""
+
+    lacking: ClassVar[str]
+
+    def missing(self, folder: Path, manifest: Manifest, path: str) -> str | None:
+        return self.lacking
+
+    def launch(self, folder: Path, manifest: Manifest, limits: dict[str, int], path: str) -> Launch:
+        raise RuntimeError(self.lacking)

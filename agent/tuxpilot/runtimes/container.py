@@ -1,20 +1,12 @@
-"""The `container` runtime: not available yet. A manifest asking for it is refused when the plugin is
-loaded."""
+"""The `container` runtime: not available yet, so a manifest asking for it is refused when loaded."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import ClassVar
 
-from tuxpilot.protocol.manifest import Manifest
-from tuxpilot.runtimes.base import Launch, Runtime
+from tuxpilot.runtimes.base import Unavailable
 
 
-class Container(Runtime):
+class Container(Unavailable):
     name: ClassVar[str] = "container"
-
-    def missing(self, folder: Path, manifest: Manifest, path: str) -> str | None:
-        return "this TuxPilot has no container runtime yet"
-
-    def launch(self, folder: Path, manifest: Manifest, limits: dict[str, int], path: str) -> Launch:
-        raise RuntimeError(self.missing(folder, manifest, path))
+    lacking: ClassVar[str] = "this TuxPilot has no container runtime yet"
