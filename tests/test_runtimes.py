@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -24,10 +25,12 @@ from tuxpilot.protocol.errors import ConfigError
 from tuxpilot.protocol.manifest import Permission, builtin_dir, load
 from tuxpilot.protocol.names import Subjects
 from tuxpilot.runtimes.catalog import RUNTIMES
+from tuxpilot.runtimes.host import PluginHost
 from tuxpilot.runtimes.loader import installed
 from tuxpilot.runtimes.settings import own_user
 
 from tests.conftest import tuxpilot_exe
+from tests.test_confine import proc_limits
 
 HOST = "test-host"
 NO_NODE = "/nonexistent-bin"
@@ -298,3 +301,35 @@ async def test_an_agent_refuses_what_it_cannot_run_and_status_shows_why_and_the_
         assert states[f"{HOST}.fine"]["state"] == "stopped"
     finally:
         await nc.close()
+
+
+async def test_a_javascript_plugin_gets_its_memory_limit_as_v8s_heap_not_as_address_space(tmp_path: Path) -> None:
+    """node does not even start under a 64 MiB RLIMIT_AS; with the limit as --max-old-space-size it runs,
+    and V8 reports a heap limit of that order."""
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed")
+    base = tmp_path / "plugins"
+    script = (
+        "const fs = require('fs'); const v8 = require('v8');\n"
+        "fs.writeFileSync('heap', JSON.stringify({limit: v8.getHeapStatistics().heap_size_limit,"
+        " argv: process.execArgv}));\n"
+        "setInterval(() => {}, 1000);\n"
+    )
+    folder = make_plugin(base, "jsheap", "javascript", "main.js", script, extra="[limits]\nmemory_mb = 64\n")
+    config = host_config([base], ["jsheap"], TUXPILOT_CONFINEMENT_USER="root")
+    host = PluginHost(config, "nats://127.0.0.1:1", {"jsheap": (folder, load(folder))})
+    await host.start()
+    try:
+        record = config.state_dir / "plugins" / "jsheap" / "heap"
+        for _ in range(200):
+            if record.exists() and record.read_text():
+                break
+            await asyncio.sleep(0.05)
+        doc = json.loads(record.read_text())
+        assert doc["argv"] == ["--max-old-space-size=64"]
+        assert 64 * 1024 * 1024 <= doc["limit"] < 256 * 1024 * 1024  # old space 64 MiB plus the young space
+        pid = host.plugins["jsheap"].pid
+        assert pid is not None
+        assert proc_limits(pid)["Max address space"] == ("unlimited", "unlimited")  # not RLIMIT_AS
+    finally:
+        await host.stop()

@@ -195,9 +195,10 @@ class Plan:
         except KeyError:
             return str(os.geteuid())
 
-    def spawn_options(self) -> dict[str, Any]:
-        """Keyword arguments for asyncio.create_subprocess_exec / subprocess.Popen."""
-        options: dict[str, Any] = {"preexec_fn": child_setup(self.limits)}
+    def spawn_options(self, rlimits: dict[str, int] | None = None) -> dict[str, Any]:
+        """Keyword arguments for asyncio.create_subprocess_exec / subprocess.Popen. `rlimits`: the limits
+        the plugin's runtime enforces as rlimits (all of them unless it says otherwise)."""
+        options: dict[str, Any] = {"preexec_fn": child_setup(self.limits if rlimits is None else rlimits)}
         if self.account is not None:
             # Always name the groups: CPython calls setgroups only for a non-empty list, and the
             # plugin must not keep the agent's supplementary groups.

@@ -267,13 +267,14 @@ class PluginHost(Part):
 
     async def _run_once(self, plugin: Supervised, plan: Plan, workdir: Path, plog: Any) -> int | None:
         """Start the plugin's process and wait for it to end; its exit status (None: it never started)."""
+        launch = launch_of(plugin)
         try:
             proc = plugin.proc = await asyncio.create_subprocess_exec(
-                *launch_of(plugin).argv,
+                *launch.argv,
                 env=self.environment(plugin),
                 cwd=workdir,
                 stdin=asyncio.subprocess.DEVNULL,
-                **plan.spawn_options(),
+                **plan.spawn_options(launch.rlimits),
             )
         except (OSError, ValueError) as exc:  # e.g. the user may not run the program
             plog.error("plugin.start_failed", error=f"{type(exc).__name__}: {exc}", user=plan.user)
