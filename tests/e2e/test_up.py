@@ -286,3 +286,18 @@ async def test_a_plugin_answering_discovery_in_another_plugins_name_is_not_count
     finally:
         up.proc.terminate()
         up.proc.wait(30)
+
+
+def test_a_broken_manifest_in_plugin_dirs_is_skipped_and_up_starts_the_others(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    (plugins / "broken").mkdir(parents=True)
+    (plugins / "broken" / "plugin.toml").write_text("name = [this is not toml\n")
+    up = Up(tmp_path / "state", TUXPILOT_PLUGIN_DIRS=json.dumps([str(plugins)]))
+    try:
+        assert _called(up).returncode == 0  # sysmon runs
+    finally:
+        up.proc.send_signal(signal.SIGTERM)
+        _, err = up.proc.communicate(timeout=30)
+    [line] = [line for line in err.splitlines() if "plugin.skipped" in line]
+    assert str(plugins / "broken" / "plugin.toml") in line and "broken manifest" in line
+    assert up.proc.returncode == 0
