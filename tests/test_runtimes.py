@@ -11,6 +11,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -333,3 +334,33 @@ async def test_a_javascript_plugin_gets_its_memory_limit_as_v8s_heap_not_as_addr
         assert proc_limits(pid)["Max address space"] == ("unlimited", "unlimited")  # not RLIMIT_AS
     finally:
         await host.stop()
+
+
+async def test_as_root_a_javascript_plugin_runs_as_its_own_user_once_node_is_probed_for_it() -> None:
+    """The host asks the kernel whether the plugin's user can run node (`node --version` as that user)
+    before it drops to it; then the plugin runs as `tuxpilot-p-<name>`."""
+    if os.geteuid() != 0 or shutil.which("node") is None:
+        pytest.skip("needs root and node")
+    root = Path(tempfile.mkdtemp(prefix="tuxpilot-js-"))
+    os.chmod(root, 0o755)  # mkdtemp makes it 0700: the plugin user must pass through
+    try:
+        base = root / "plugins"
+        script = "require('fs').writeFileSync('uid', String(process.getuid())); setInterval(() => {}, 1000);\n"
+        folder = make_plugin(base, "jsuser", "javascript", "main.js", script)
+        config = host_config([base], ["jsuser"])
+        host = PluginHost(config, "nats://127.0.0.1:1", {"jsuser": (folder, load(folder))})
+        await host.start()
+        try:
+            record = config.state_dir / "plugins" / "jsuser" / "uid"
+            for _ in range(300):
+                if record.exists() and record.read_text():
+                    break
+                await asyncio.sleep(0.05)
+            plan = host.plugins["jsuser"].plan
+            assert plan is not None and plan.account is not None, plan
+            assert plan.account.name == "tuxpilot-p-jsuser" and plan.unconfined is None
+            assert record.read_text() == str(plan.account.uid)
+        finally:
+            await host.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
