@@ -58,6 +58,18 @@ class Subjects:
         """A request to the host's agent itself (e.g. `load_plugin`); only its operator may send one."""
         return f"{self.prefix}.agent.{host or self.host}.{verb}"
 
+    def approval(self, approval_id: str, host: str | None = None) -> str:
+        """Where the gate announces an action held for approval (plugins may subscribe if declared)."""
+        return f"{self.prefix}.approval.{host or self.host}.{approval_id}"
+
+    def approve(self, approval_id: str, host: str | None = None) -> str:
+        """Where an approver answers `{"decision": "approve"|"deny"}`; served by the host's agent."""
+        return f"{self.prefix}.approve.{host or self.host}.{approval_id}"
+
+    def approvals(self, host: str | None = None) -> str:
+        """Request: the host's agent answers with what is pending."""
+        return f"{self.prefix}.approvals.{host or self.host}"
+
     @property
     def bucket_prefix(self) -> str:
         """JetStream bucket and stream names allow no dots."""
@@ -112,3 +124,12 @@ def proposal_id(event_id: str, plugin: str) -> str:
     """The proposal a plugin makes for one event: the same id on every redelivery, so the proposals
     stream stores it once (within its duplicate window)."""
     return f"{event_id}-{plugin}"[:128]
+
+
+def approvals_bucket(subjects: Subjects) -> str:
+    """The KV bucket of approvals, keyed by `approval_key`: pending, then decided, expired or executed."""
+    return f"{subjects.bucket_prefix}_approvals"
+
+
+def approval_key(host: str, approval_id: str) -> str:
+    return f"{host}.{approval_id}"
