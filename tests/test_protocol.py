@@ -4,12 +4,13 @@ file is what auth writes and connect reads, and registry entries agree with sche
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 from tuxpilot.bus import auth
 from tuxpilot.protocol import launch, schemas
-from tuxpilot.protocol.errors import BadRequest, ConfigError
+from tuxpilot.protocol.errors import STATUS_CODES, BadRequest, ConfigError
 from tuxpilot.protocol.manifest import builtin_dir
 from tuxpilot.protocol.manifest import load as load_manifest
 from tuxpilot.protocol.names import Subjects
@@ -94,3 +95,18 @@ def test_a_manifest_of_a_protocol_version_this_tuxpilot_does_not_speak_is_refuse
     (folder / "plugin.toml").write_text(text)
     with pytest.raises(ConfigError, match="api_version '2' is not a protocol version this TuxPilot speaks"):
         load_manifest(folder)
+
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
+
+
+def test_the_written_protocol_lists_every_error_code_with_its_number() -> None:
+    rows = dict(re.findall(r"^\| `([a-z0-9_]+)` \| (\d{3}) \|", DOC.read_text(), flags=re.M))
+    assert {code: int(n) for code, n in rows.items()} == STATUS_CODES
+
+
+def test_the_written_protocol_names_every_variable_the_host_sets() -> None:
+    text = DOC.read_text()
+    assert [name for name in sorted(launch.HOST_SET | {launch.NATS_USER_FILE}) if f"`{name}`" not in text] == []
+    for name in launch.KEEP_ENV:
+        assert f"`{name}`" in text
