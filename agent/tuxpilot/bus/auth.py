@@ -104,6 +104,8 @@ def plugin_user(subjects: Subjects, manifest: Manifest) -> User:
         f"{inbox_prefix(name)}.>",
         f"{p}.act.{h}.{n}.>",
         *(f"{p}.evt.{h}.{pattern}" for pattern in manifest.subscribes),
+        # What the manifest's `reads` names, of this host only.
+        *({"results": subjects.results(h), "metrics": subjects.metrics()}[r] for r in manifest.reads),
         *_srv(n),
     ]
     return User(name=name, role="plugin", publish=publish, subscribe=subscribe, allow_responses=True, plugin=n)

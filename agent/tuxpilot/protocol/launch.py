@@ -29,8 +29,11 @@ NATS_URL = env_name("nats", "url")  # comma-separated server URLs
 NATS_USER_FILE = env_name("nats", "user_file")  # the plugin's credential file (below), under generated auth
 LOG_LEVEL = env_name("log", "level")
 LOG_FORMAT = env_name("log", "format")
+# Set for plugins in languages that read no TOML (runtime javascript): the manifest, as JSON.
+MANIFEST = env_name("manifest")
 # Variables the host sets itself, whatever the agent's own environment says.
-HOST_SET = frozenset({PLUGIN, PLUGINS, CONFIG, HOST_ID, SUBJECT_PREFIX, STATE_DIR, NATS_URL, LOG_LEVEL, LOG_FORMAT})
+HOST_SET = frozenset({PLUGIN, PLUGINS, CONFIG, HOST_ID, SUBJECT_PREFIX, STATE_DIR, NATS_URL, LOG_LEVEL, LOG_FORMAT,
+                      MANIFEST})
 
 # Who the agent is on the bus: never passed on to a plugin.
 AGENT_SECRETS = frozenset(env_name("nats", key) for key in ("user", "password", "token", "creds", "user_file"))

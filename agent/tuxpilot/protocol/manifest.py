@@ -49,6 +49,8 @@ Category = Literal[
     "networking", "storage", "virtualization", "custom",
 ]
 Runtime = Literal["python", "javascript", "wasm", "container", "native"]
+# Subjects of this host a plugin may read (subscribe to) besides its events: what `reads` may name.
+Readable = Literal["results", "metrics"]
 
 
 class Spec(BaseModel):
@@ -95,6 +97,7 @@ class Manifest(Spec):
         default_factory=list
     )
     emits: list[Token] = Field(default_factory=list)
+    reads: list[Readable] = Field(default_factory=list)
     actions: dict[Token, ActionSpec] = Field(default_factory=dict)
     commands: list[str] = Field(default_factory=list)
     limits: Limits | None = None

@@ -10,7 +10,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from tuxpilot.protocol.manifest import Manifest
 
@@ -42,6 +42,11 @@ class Runtime:
 
     def launch(self, folder: Path, manifest: Manifest, limits: dict[str, int], path: str) -> Launch:
         raise NotImplementedError
+
+    async def prepare(self, folder: Path, manifest: Manifest, log: Any) -> None:
+        """What must happen once before the plugin's first start (installing its dependencies); raises a
+        TuxPilotError saying why the plugin cannot start."""
+        return None
 
     def needs(self, folder: Path, manifest: Manifest) -> list[tuple[Path, int]]:
         """What the plugin's user must reach, with the access it needs (os.R_OK | os.X_OK …)."""

@@ -19,6 +19,7 @@ import structlog
 
 from tuxpilot.lifetime import Part
 from tuxpilot.protocol import launch
+from tuxpilot.protocol.errors import TuxPilotError
 from tuxpilot.protocol.manifest import Manifest
 from tuxpilot.protocol.models import Event, Severity
 from tuxpilot.protocol.plugin_state import Exit, PluginState, State
@@ -225,6 +226,14 @@ class PluginHost(Part):
             plog.error("plugin.refused", reason=plan.refused, fix=plan.fix, strict=True)
             await self._state(plugin, "refused", reason=f"{plan.refused}; fix: {plan.fix}")
             await self._report(plugin, "plugin.refused", "critical", reason=plan.refused, fix=plan.fix)
+            return
+        try:
+            await runtime_of(plugin.manifest).prepare(plugin.folder, plugin.manifest, plog)
+        except TuxPilotError as exc:  # refused once, not restarted in a loop that cannot succeed
+            plog.error("plugin.refused", reason=exc.message, runtime=plugin.manifest.runtime)
+            await self._state(plugin, "refused", reason=exc.message)
+            await self._report(plugin, "plugin.refused", "critical", reason=exc.message,
+                               runtime=plugin.manifest.runtime)
             return
         if plan.unconfined is not None:
             plog.warning("plugin.unconfined", user=plan.user, reason=plan.unconfined, fix=plan.fix)

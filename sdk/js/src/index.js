@@ -19,4 +19,5 @@ export {
 } from "./errors.js";
 export { Logger } from "./log.js";
 export * as names from "./names.js";
+export { Subjects } from "./names.js";
 export { manifestFromEnv, settingsFromEnv } from "./settings.js";

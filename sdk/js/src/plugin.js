@@ -184,11 +184,17 @@ export class Context {
    * @param {string} host
    * @param {Log} log
    * @param {Record<string, any>} config
+   * @param {import("@nats-io/nats-core").NatsConnection} nc
+   * @param {Subjects} subjects
    * @param {{event?: Event, action?: string, actionId?: string}} [scope]
    */
-  constructor(plugin, host, log, config, scope = {}) {
+  constructor(plugin, host, log, config, nc, subjects, scope = {}) {
     this.plugin = plugin;
     this.host = host;
+    /** The connection: subscribing where the plugin's NATS user may (its manifest's `reads`). */
+    this.nc = nc;
+    /** This host's subjects, as docs/protocol.md names them. */
+    this.subjects = subjects;
     this.log = log;
     this.config = config;
     this.event = scope.event;
@@ -457,7 +463,7 @@ class Running {
     if (eventId) bound.event_id = eventId;
     if (scope.action) bound.action = scope.action;
     if (scope.actionId) bound.action_id = scope.actionId;
-    return new Context(this.plugin, this.subjects.host, this.log.bind(bound), this.config, scope);
+    return new Context(this.plugin, this.subjects.host, this.log.bind(bound), this.config, this.nc, this.subjects, scope);
   }
 
   /** @param {Promise<unknown>} work */
