@@ -33,6 +33,7 @@ from typing import Any
 import nats
 import psutil
 from nats.aio.client import Client
+from tuxpilot.bench import bench_plugin_dir
 from tuxpilot.bus import streams
 from tuxpilot.bus.server import NatsServer
 from tuxpilot.protocol.manifest import Manifest, builtin_dir
@@ -131,9 +132,11 @@ async def measure(server: NatsServer, folder: Path, args: argparse.Namespace, *,
     await js.purge_stream(names.events)
     await streams.create_plugin_consumer(js, manifest, SUBJECTS, StreamsConfig())
     config = {"port": 0} if manifest.name == "prometheus" else {}
-    log = open(Path(args.logs) / f"{manifest.name}.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(plugin_command(folder, manifest), env=environment(server, manifest, config),
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    log = os.open(Path(args.logs) / f"{manifest.name}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    proc = await asyncio.create_subprocess_exec(
+        *plugin_command(folder, manifest), env=environment(server, manifest, config),
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
     figures: dict[str, Any] = {"plugin": manifest.name, "runtime": manifest.runtime}
     try:
         t = time.perf_counter()
@@ -156,8 +159,8 @@ async def measure(server: NatsServer, folder: Path, args: argparse.Namespace, *,
         figures["idle_cpu_pct"] = round(100 * busy / args.idle_s, 3)
     finally:
         proc.terminate()
-        proc.wait(10)
-        log.close()
+        await asyncio.wait_for(proc.wait(), 10)
+        os.close(log)
         await js.delete_consumer(names.events, f"{manifest.name}-{HOST}")
         await nc.close()
     return figures
@@ -172,7 +175,7 @@ async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
             await streams.ensure_streams(nc.jetstream(), SUBJECTS, StreamsConfig())
             await nc.close()
             rows = [
-                await measure(server, builtin_dir() / "noop", args, pipeline=True),
+                await measure(server, bench_plugin_dir(), args, pipeline=True),
                 await measure(server, HERE / "jsnoop", args, pipeline=True),
             ]
             if (builtin_dir() / "prometheus" / "node_modules").is_dir():
