@@ -4,6 +4,7 @@ docs/protocol.md asks of every SDK, seen from outside the process, as the agent 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ from tuxpilot.protocol.names import ACTION_ID_HEADER, Names, Subjects, plugin_co
 from tuxpilot.runtimes import javascript
 from tuxpilot.settings import StreamsConfig
 
-from tests.conftest import need, until
+from tests.conftest import need, tuxpilot_exe, until
 
 HERE = Path(__file__).resolve().parent
 FOLDER = HERE / "plugins" / "jsdemo"
@@ -274,3 +275,27 @@ async def test_sigterm_stops_it_cleanly_with_json_log_lines(plugin: JsPlugin, nc
     # The service is gone: nobody answers discovery for it any more.
     with pytest.raises(Exception, match=r"no responders|timeout"):
         await nc.request("$SRV.PING.jsdemo", b"", timeout=1)
+
+
+async def test_plugin_run_runs_a_javascript_plugin(nats_server: NatsServer, nc: Client, tmp_path: Path) -> None:
+    need_sdk()
+    env = {**os.environ, "TUXPILOT_NATS_URL": nats_server.url, "TUXPILOT_HOST_ID": HOST,
+           "TUXPILOT_STATE_DIR": str(tmp_path / "state"), "TUXPILOT_CONFIG": str(tmp_path / "none.toml")}
+    (tmp_path / "none.toml").write_text("")
+    proc = await asyncio.create_subprocess_exec(
+        tuxpilot_exe(), "plugin", "run", str(FOLDER), env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        reply: Msg | None = None
+        for _ in range(100):
+            with contextlib.suppress(Exception):
+                reply = await call(nc, "echo", '{"text": "by hand"}', action_id=None)
+                break
+            await asyncio.sleep(0.2)
+        assert reply is not None and body(reply)["data"]["text"] == "by hand"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 15)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert b"jsdemo 1.2.3 (javascript)" in err and b'"event":"plugin.stopped"' in err

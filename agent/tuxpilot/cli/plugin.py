@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 import json
 import signal
+import subprocess
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -30,7 +31,7 @@ from tuxpilot.cli.common import (
 )
 from tuxpilot.protocol.errors import ConfigError
 from tuxpilot.protocol.names import Subjects
-from tuxpilot.settings import NatsConfig, default_config_path
+from tuxpilot.settings import NatsConfig, default_config_path, environment_of
 
 app = typer.Typer(help="Plugins: list, run.", no_args_is_help=True)
 
@@ -142,17 +143,20 @@ def plugin_revoke(ctx: typer.Context, name: str, permissions: list[str]) -> None
 
 @app.command("run")
 def plugin_run(ctx: typer.Context, path: Path) -> None:
-    """Run the Python plugin in folder PATH against the configured (or local `up`) server.
+    """Run the plugin in folder PATH (Python or JavaScript) against the configured (or local `up`) server.
 
     Against a local `tuxpilot up`, the agent first loads the folder's manifest itself and gives the
     plugin a NATS user of its own (asked as the operator); with configured credentials, those are used.
     """
+    from tuxpilot.protocol.manifest import load as load_manifest
     from tuxpilot.sdk.plugin import load_plugin
     from tuxpilot.sdk.settings import PluginProcessSettings
 
     config = config_of(ctx)
     folder = path.resolve()
     try:
+        if load_manifest(folder).runtime == "javascript":
+            _run_javascript(config, folder)
         plugin = load_plugin(folder)
     except ConfigError as exc:
         fail(exc.message, EXIT_USAGE)
@@ -176,6 +180,40 @@ def plugin_run(ctx: typer.Context, path: Path) -> None:
                 await nc.drain()
 
     run_async(main())
+
+
+def _run_javascript(config: Config, folder: Path) -> NoReturn:
+    """`node` on the plugin's entry point, with the environment the agent's plugin host would give it
+    (its manifest as JSON among it), after installing its dependencies from its lockfile."""
+    import structlog
+
+    from tuxpilot.bus import connect as bus
+    from tuxpilot.protocol.manifest import load as load_manifest
+    from tuxpilot.runtimes import javascript
+    from tuxpilot.runtimes.host import PluginHost, plugin_command
+
+    manifest = load_manifest(folder)
+    refused = javascript.refusal()
+    if refused is not None:
+        fail(refused, EXIT_USAGE)
+    url = bus.local_url(config)
+    if url is None:
+        fail("no NATS server: set TUXPILOT_NATS_URL or start `tuxpilot up`", EXIT_UNAVAILABLE)
+    nats: NatsConfig = run_async(_plugin_credentials(config, folder))
+    run_async(javascript.install(folder, structlog.get_logger("tuxpilot.plugin").bind(plugin=manifest.name)))
+    host = PluginHost(config, url, {manifest.name: (folder, manifest)})
+    if nats.user_file is not None:
+        host.credentials[manifest.name] = nats.user_file
+    env = host.environment(host.plugins[manifest.name])
+    env.update(environment_of(nats.model_copy(update={"url": url}), "nats"))
+    err.print(f"{manifest.name} {manifest.version} (javascript) on {url} (Ctrl-C stops)", markup=False)
+    proc = subprocess.Popen(plugin_command(folder, manifest), env=env)
+    signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))  # stop it the way we are stopped
+    while True:
+        try:
+            raise typer.Exit(proc.wait())
+        except KeyboardInterrupt:  # node got the same SIGINT from the terminal: let it stop cleanly
+            continue
 
 
 async def _plugin_credentials(config: Config, folder: Path) -> NatsConfig:
