@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from tuxpilot.agent.app import Agent
 from tuxpilot.agent.config import Config, load_config
+from tuxpilot.agent.status import snapshot
 from tuxpilot.bus import connect as bus
 from tuxpilot.protocol.manifest import builtin_dir
 from tuxpilot.protocol.models import Event
@@ -158,6 +159,11 @@ async def test_prometheus_scrapes_the_events_an_agent_saw(agent: Agent, promethe
     subjects = Subjects.of(config)
     sent = 7
     try:
+        # `tuxpilot status` shows the JavaScript plugin like any other, with the user and pid it runs as.
+        running = (await snapshot(nc, subjects))["running"]
+        [prom] = [r for r in running if r["plugin"] == "prometheus"]
+        assert prom["host"] == HOST and prom["pid"] and prom["user"]
+        assert agent.host is not None and prom["pid"] == str(agent.host.plugins["prometheus"].pid)
         for i in range(sent):
             event = Event.new("promtest.ping", HOST, severity="info", value=i, source="test")
             await bus.publish_event(nc, subjects, event)

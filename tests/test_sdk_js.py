@@ -113,7 +113,6 @@ async def test_discovery_names_the_plugin_and_its_private_endpoints(plugin: JsPl
     assert set(endpoints) == {"echo", "count", "big", "attempts"}
     assert endpoints["echo"]["subject"] == "tuxpilot.exec.js-host.jsdemo.echo"
     assert endpoints["echo"]["queue_group"] == "jsdemo"
-    assert json.loads(endpoints["echo"]["metadata"]["params"])["required"] == ["text"]
     ping = json.loads((await nc.request("$SRV.PING.jsdemo", b"", timeout=5)).data)
     assert ping["metadata"]["plugin"] == "jsdemo"
 

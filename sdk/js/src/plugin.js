@@ -497,19 +497,15 @@ class Running {
         return { instance: this.instance, ...(this.counts[action] ?? {}) };
       },
     });
-    for (const [name, spec] of Object.entries(p.manifest.actions ?? {})) {
+    for (const name of Object.keys(p.manifest.actions ?? {})) {
       if (!p.actions.has(name)) {
         this.log.warning("plugin.action_without_handler", { action: name });
         continue;
       }
       this.plugin.validator(name); // compiled now: a bad schema shows at start, not at the first call
-      /** @type {Record<string, string>} */
-      const metadata = { params: JSON.stringify(spec.params ?? { type: "object" }) };
-      if (spec.permission) metadata.permission = spec.permission;
-      if (spec.timeout_s) metadata.timeout_s = String(spec.timeout_s);
+      // Each action's contract is in the metadata of the gate's public endpoint, not here.
       this.service.addEndpoint(name, {
         subject: this.subjects.exec(p.name, name),
-        metadata,
         handler: (err, msg) => {
           if (err) {
             this.log.warning("action.endpoint_error", { action: name, error: String(err) });
