@@ -103,6 +103,7 @@ def plugin_user(subjects: Subjects, manifest: Manifest) -> User:
     subscribe = [
         f"{inbox_prefix(name)}.>",
         f"{p}.act.{h}.{n}.>",
+        f"{p}.exec.{h}.{n}.>",  # the private execution endpoints (protocol v1)
         *(f"{p}.evt.{h}.{pattern}" for pattern in manifest.subscribes),
         # What the manifest's `reads` names, of this host only.
         *({"results": subjects.results(h), "metrics": subjects.metrics()}[r] for r in manifest.reads),

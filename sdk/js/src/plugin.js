@@ -249,6 +249,8 @@ export class Plugin {
     this.validators = new Map();
     /** @type {Running | null} */
     this.running = null;
+    /** @type {((err: Error) => void) | null} */
+    this.onFailure = null;
   }
 
   /**
@@ -319,6 +321,7 @@ export class Plugin {
    */
   async start(nc, settings) {
     const run = new Running(this, nc, settings);
+    run.failed = (err) => this.onFailure?.(err);
     this.running = run;
     await run.start();
   }
@@ -396,9 +399,13 @@ export class Plugin {
     const closed = nc.closed().then((err) => {
       if (err) log.error("nats.closed", { error: String(err) });
     });
+    /** @type {Promise<never>} */
+    const failed = new Promise((_, reject) => {
+      this.onFailure = reject;
+    });
     try {
       await this.start(nc, settings);
-      await Promise.race([stopped, closed]);
+      await Promise.race([stopped, closed, failed]);
     } finally {
       await this.stop();
       if (!nc.isClosed()) await nc.drain().catch(() => {});
@@ -451,6 +458,8 @@ class Running {
     this.stopping = false;
     /** @type {Promise<void> | null} */
     this.pulling = null;
+    /** @type {((err: Error) => void) | null} called when serving failed for good */
+    this.failed = null;
   }
 
   /**
@@ -515,6 +524,14 @@ class Running {
         },
       });
     }
+    // The framework stops the service when one of its subscriptions fails (say a permissions
+    // violation): a plugin that cannot serve ends, and its host restarts it with backoff.
+    this.service.stopped.then((err) => {
+      if (err && !this.stopping) {
+        this.log.error("plugin.service_failed", { error: String(err) });
+        this.failed?.(err);
+      }
+    });
     if ((p.manifest.subscribes ?? []).length) this.pulling = this.consume();
     await this.nc.flush();
     this.log.info("plugin.started", { version: p.manifest.version, actions: [...p.actions.keys()].sort(), runtime: "javascript" });
