@@ -59,7 +59,7 @@ def environment(server: NatsServer, manifest: Manifest, config: dict[str, Any]) 
         "TUXPILOT_PLUGINS": json.dumps({manifest.name: {"config": config}}),
     }
     if manifest.runtime == "javascript":
-        env.update(javascript.environment(manifest))
+        env.update(javascript.environment(manifest))  # what the host adds for this runtime
     return env
 
 

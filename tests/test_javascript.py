@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from tuxpilot.runtimes import javascript
 
 from tests.conftest import need
 
+PATH = os.environ.get("PATH", os.defpath)
 HEAP_SCRIPT = """
 const v8 = await import("node:v8");
 console.log(JSON.stringify({heap_mb: Math.round(v8.getHeapStatistics().heap_size_limit / 1048576)}));
@@ -40,7 +42,8 @@ def node() -> str:
 
 
 def run_node(script: Path, limits: dict[str, int], *args: str) -> subprocess.CompletedProcess[str]:
-    argv = [*javascript.command(script.parent, _manifest(script.name), {"memory_mb": 64}), *args]
+    launch = javascript.JavaScript().launch(script.parent, _manifest(script.name), {"memory_mb": 64}, PATH)
+    argv = [*launch.argv, *args]
     return subprocess.run(argv, preexec_fn=child_setup(limits), capture_output=True, text=True, timeout=60)
 
 
@@ -52,8 +55,11 @@ def _manifest(entry: str) -> Manifest:
 def test_memory_mb_caps_v8s_heap_and_leaves_node_the_address_space_it_needs(node: str, tmp_path: Path) -> None:
     script = tmp_path / "heap.mjs"
     script.write_text(HEAP_SCRIPT)
-    limits = javascript.rlimits({"memory_mb": 64})
-    assert limits["memory_mb"] == 64 + javascript.ADDRESS_HEADROOM_MB
+    launch = javascript.JavaScript().launch(tmp_path, _manifest(script.name), {"memory_mb": 64, "open_files": 64},
+                                            PATH)
+    assert "--max-old-space-size=64" in launch.argv
+    limits = launch.rlimits
+    assert limits == {"memory_mb": 64 + javascript.ADDRESS_HEADROOM_MB, "open_files": 64}
 
     started = run_node(script, limits)
     assert started.returncode == 0, started.stderr
@@ -77,6 +83,12 @@ def test_rlimit_as_of_memory_mb_alone_would_not_even_start_node(node: str, tmp_p
     except subprocess.TimeoutExpired:
         return  # a hang is the other way it fails
     assert done.returncode != 0 and not done.stdout
+
+
+def test_a_host_without_node_cannot_run_a_javascript_plugin(tmp_path: Path) -> None:
+    (tmp_path / "heap.mjs").write_text(HEAP_SCRIPT)
+    lacking = javascript.JavaScript().missing(tmp_path, _manifest("heap.mjs"), str(tmp_path / "empty"))
+    assert lacking is not None and "node is not on PATH" in lacking
 
 
 @pytest.fixture

@@ -57,8 +57,9 @@ class JsPlugin:
         }
         self.log_path = tmp / "jsdemo.log"
         self.log_file = self.log_path.open("wb")
+        argv = javascript.JavaScript().launch(FOLDER, manifest, {}, os.environ.get("PATH", "")).argv
         self.proc = subprocess.Popen(
-            javascript.command(FOLDER, manifest, {}), env=env, stdout=self.log_file, stderr=subprocess.STDOUT,
+            argv, env=env, stdout=self.log_file, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
 

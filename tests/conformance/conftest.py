@@ -65,6 +65,8 @@ class Implementation:
 
 IMPLEMENTATIONS = [
     Implementation("python", HERE / "python", runtime="python", entry_point="plugin.py"),
+    # The JS SDK (sdk/js), linked as `js/sdk`; the host installs it from js/package-lock.json.
+    Implementation("javascript", HERE / "js", runtime="javascript", entry_point="plugin.js", programs=("node", "npm")),
 ]
 
 

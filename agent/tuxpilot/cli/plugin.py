@@ -190,12 +190,14 @@ def _run_javascript(config: Config, folder: Path) -> NoReturn:
     from tuxpilot.bus import connect as bus
     from tuxpilot.protocol.manifest import load as load_manifest
     from tuxpilot.runtimes import javascript
-    from tuxpilot.runtimes.host import PluginHost, plugin_command
+    from tuxpilot.runtimes.host import PluginHost, launch_of
+    from tuxpilot.runtimes.loader import plugin_path
 
     manifest = load_manifest(folder)
-    refused = javascript.refusal()
+    runtime = javascript.JavaScript()
+    refused = runtime.missing(folder, manifest, plugin_path())
     if refused is not None:
-        fail(refused, EXIT_USAGE)
+        fail(f"runtime javascript cannot run here: {refused}", EXIT_USAGE)
     url = bus.local_url(config)
     if url is None:
         fail("no NATS server: set TUXPILOT_NATS_URL or start `tuxpilot up`", EXIT_UNAVAILABLE)
@@ -204,10 +206,11 @@ def _run_javascript(config: Config, folder: Path) -> NoReturn:
     host = PluginHost(config, url, {manifest.name: (folder, manifest)})
     if nats.user_file is not None:
         host.credentials[manifest.name] = nats.user_file
-    env = host.environment(host.plugins[manifest.name])
+    plugin = host.plugins[manifest.name]
+    env = host.environment(plugin)
     env.update(environment_of(nats.model_copy(update={"url": url}), "nats"))
     err.print(f"{manifest.name} {manifest.version} (javascript) on {url} (Ctrl-C stops)", markup=False)
-    proc = subprocess.Popen(plugin_command(folder, manifest), env=env)
+    proc = subprocess.Popen(launch_of(plugin).argv, env=env)
     signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))  # stop it the way we are stopped
     while True:
         try:
