@@ -78,10 +78,12 @@ def test_each_runtime_says_how_it_starts_and_how_its_limits_map(tmp_path: Path) 
 
     js = load(make_plugin(tmp_path, "js", "javascript", "main.js", "process.exit(0)\n"))
     launch = RUNTIMES["javascript"].launch(tmp_path / "js", js, limits, "/usr/local/bin:/usr/bin:/bin")
-    # V8 cannot start under a small RLIMIT_AS: memory_mb is its heap limit instead.
+    # V8 cannot start under a small RLIMIT_AS: memory_mb is its heap limit, and the address space gets
+    # headroom on top (tests/test_javascript.py shows both).
     assert launch.argv[1:] == ["--max-old-space-size=256", str(tmp_path / "js" / "main.js")]
     assert Path(launch.argv[0]).name == "node"
-    assert launch.rlimits == {"cpu_s": 60, "open_files": 64}
+    assert launch.rlimits == {"memory_mb": 256 + 1024, "cpu_s": 60, "open_files": 64}
+    assert json.loads(launch.env["TUXPILOT_MANIFEST"])["name"] == "js"
 
     native = load(make_plugin(tmp_path, "bin"))
     launch = RUNTIMES["native"].launch(tmp_path / "bin", native, limits, os.defpath)
