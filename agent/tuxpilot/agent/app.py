@@ -36,6 +36,7 @@ from tuxpilot.bus.plugin_state import put_state, state_bucket
 from tuxpilot.bus.registry import open_bucket
 from tuxpilot.bus.server import NatsServer
 from tuxpilot.bus.streams import create_plugin_consumer, ensure_streams
+from tuxpilot.fleet import member
 from tuxpilot.protocol.errors import ConfigError
 from tuxpilot.protocol.manifest import Manifest, builtin_dir
 from tuxpilot.protocol.models import Event, Metrics, Result, now
@@ -238,6 +239,8 @@ class Agent:
             self.server = await stack.enter_async_context(embedded_server(cfg, authorization))
             self.url = self.server.url
         else:
+            if cfg.fleet.enrollment is not None:
+                nats_cfg, credentials = await asyncio.to_thread(self._fleet_users, plugins)
             url = bus.local_url(cfg)
             if url is None:
                 raise ConfigError("config key nats.url: not set, and no local `tuxpilot up` is running")
@@ -275,6 +278,19 @@ class Agent:
         await stack.enter_async_context(background(self._watch_config(), name="config-watch"))
         log.info("agent.started", host=cfg.host_id, url=self.url, plugins=sorted(plugins),
                  not_runnable=sorted(selected.refused))
+
+    def _fleet_users(self, plugins: dict[str, tuple[Path, Manifest]]) -> tuple[NatsConfig, dict[str, Path]]:
+        """An enrolled host mints its agent's and plugins' users from its scoped keys (no server change):
+        the agent connects as its own, each plugin gets a `.creds` of its own name."""
+        cfg = self.config
+        assert cfg.fleet.enrollment is not None
+        enrollment = member.load_enrollment(cfg.fleet.enrollment)
+        if enrollment.host != cfg.host_id or enrollment.prefix != cfg.subject_prefix:
+            raise ConfigError(f"fleet.enrollment {cfg.fleet.enrollment} is for host {enrollment.host} "
+                              f"(prefix {enrollment.prefix}), not {cfg.host_id} ({cfg.subject_prefix})")
+        agent = member.write_creds(cfg.state_dir, enrollment, "agent")
+        creds = {name: member.write_creds(cfg.state_dir, enrollment, "plugin", name) for name in plugins}
+        return cfg.nats.model_copy(update={"creds": agent, "user": f"tuxpilot-{cfg.host_id}-agent"}), creds
 
     def reload(self) -> None:
         """Take grants and gate policy from the config file again (after `plugin grant`, or SIGHUP)."""

@@ -75,12 +75,20 @@ class GateConfig(Section):
     )
 
 
+class FleetConfig(Section):
+    enrollment: Path | None = Field(
+        None, description="This host's enrolment file (`tuxpilot fleet join` sets it): its users are minted from it."
+    )
+    labels: dict[str, str] = Field(default_factory=dict, description="What fleet-wide calls target by label.")
+
+
 class Config(HostSettings):
     """The agent's whole configuration: the shared node settings, the plugin host's, and its own sections."""
 
     embedded: EmbeddedConfig = EmbeddedConfig()
     monitor: MonitorConfig = MonitorConfig()
     gate: GateConfig = GateConfig()
+    fleet: FleetConfig = FleetConfig()
     plugin_dirs: list[Path] = Field(default_factory=list, description="Folders searched for plugins.")
     run_plugins: list[str] = Field(["sysmon"], description="Local plugins `tuxpilot up` starts and supervises.")
 

@@ -123,7 +123,12 @@ class PluginHost(Part):
             and k not in launch.AGENT_SECRETS | launch.HOST_SET
         }
         user_file = self.credentials.get(plugin.name)
-        if user_file is not None:
+        if user_file is not None and user_file.suffix == ".creds":
+            # A fleet host's plugin: a user minted from the host's key, named after the plugin; its
+            # reply inboxes are under the prefix the key's template allows it.
+            env[launch.env_name("nats", "creds")] = str(user_file)
+            env[launch.env_name("nats", "user")] = f"tuxpilot-{self.config.host_id}-plugin-{plugin.name}"
+        elif user_file is not None:
             env[launch.NATS_USER_FILE] = str(user_file)
         nats = environment_of(self.config.nats, "nats")
         env.update({k: v for k, v in nats.items() if k in {launch.env_name("nats", s) for s in launch.NATS_SHARED}})

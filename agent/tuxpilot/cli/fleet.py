@@ -1,0 +1,144 @@
+"""`tuxpilot fleet`: create a fleet (operator mode), enrol and revoke hosts, join a host to it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+import nats
+import tomlkit
+import typer
+
+from tuxpilot.agent.config import write_private
+from tuxpilot.cli.common import EXIT_USAGE, config_of, err, fail, out, run_async
+from tuxpilot.fleet import admin, member
+from tuxpilot.protocol.errors import ConfigError
+from tuxpilot.settings import default_config_path, subject_token
+
+app = typer.Typer(help="A fleet of hosts on one NATS deployment (operator mode).", no_args_is_help=True)
+
+FleetDir = Annotated[Path, typer.Option("--dir", "-d", help="The fleet's folder (its secrets: keep it private).")]
+
+
+def _labels(items: list[str]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(f"--label {item}: expected key=value", EXIT_USAGE)
+        labels[key] = value
+    return labels
+
+
+async def _push(folder: Path, fleet: admin.Fleet) -> bool:
+    """Hand the servers the fleet account's new JWT; False when none answers (it is in the configs)."""
+    try:
+        nc = await nats.connect(fleet.urls, user_credentials=str(folder / "sys.creds"), allow_reconnect=False,
+                                max_reconnect_attempts=0, connect_timeout=3)
+    except (OSError, TimeoutError, nats.errors.Error) as exc:
+        err.print(f"no server reached at {', '.join(fleet.urls)} ({type(exc).__name__}); the server config(s) in "
+                  f"{folder} carry the change for the next start")
+        return False
+    try:
+        answer = await admin.push(nc, fleet)
+        out.print(f"account updated on the servers ({answer.get('data', {}).get('message', 'ok')})")
+        return True
+    finally:
+        await nc.close()
+
+
+@app.command()
+def init(
+    folder: FleetDir = Path("fleet"),
+    cluster: Annotated[int, typer.Option(help="Servers in a cluster (0: a single server).")] = 0,
+    port: Annotated[int, typer.Option(help="Client port of the first server (the next ones follow).")] = 4222,
+    cluster_port: Annotated[int, typer.Option(help="Route port of the first cluster node.")] = 6222,
+    host: Annotated[str, typer.Option(help="Address the hosts reach the servers at.")] = "127.0.0.1",
+    name: Annotated[str, typer.Option(help="The operator's and fleet account's name.")] = "tuxpilot",
+    prefix: Annotated[str, typer.Option(help="Subject prefix of the fleet.")] = "tuxpilot",
+) -> None:
+    """Create the operator, the fleet and system accounts, the server config(s) and admin credentials."""
+    count = cluster or 1
+    ports = [port + i for i in range(count)]
+    try:
+        admin.init(folder, urls=[f"nats://{host}:{p}" for p in ports], name=name, prefix=prefix, ports=ports,
+                   cluster_ports=[cluster_port + i for i in range(count)] if cluster else None)
+    except ConfigError as exc:
+        fail(exc.message, EXIT_USAGE)
+    fleet = admin.load(folder)
+    for path in admin.server_config_paths(folder, fleet):
+        out.print(f"wrote {path}: start it with `nats-server -c {path}`")
+    out.print(f"wrote {folder / 'admin.creds'} (every host's subjects) and {folder / 'sys.creds'} (account updates)")
+
+
+@app.command()
+def enroll(
+    host: str,
+    folder: FleetDir = Path("fleet"),
+    label: Annotated[list[str] | None, typer.Option("--label", "-l", help="key=value, repeatable.")] = None,
+) -> None:
+    """Give HOST its scoped signing keys and write its enrolment file; running servers learn it at once."""
+    if subject_token(host) != host:
+        fail(f"{host}: a host id is one subject token of [a-z0-9_-]", EXIT_USAGE)
+    try:
+        fleet, path = admin.enroll(folder, host, _labels(label or []))
+    except ConfigError as exc:
+        fail(exc.message, EXIT_USAGE)
+    run_async(_push(folder, fleet))
+    out.print(f"enrolled {host}: hand it {path} (secret), then run `tuxpilot fleet join FILE` there")
+
+
+@app.command()
+def revoke(host: str, folder: FleetDir = Path("fleet")) -> None:
+    """Remove HOST's signing keys from the fleet account: its users are refused and their connections closed."""
+    try:
+        fleet = admin.revoke(folder, host)
+    except ConfigError as exc:
+        fail(exc.message, EXIT_USAGE)
+    if not run_async(_push(folder, fleet)):
+        raise typer.Exit(1)
+    out.print(f"revoked {host}")
+
+
+@app.command()
+def join(
+    ctx: typer.Context,
+    enrollment: Annotated[Path, typer.Argument(help="The host's enrolment file from `fleet enroll`.")],
+    config_file: Annotated[Path | None, typer.Option("--write", help="Host config to write (default: the usual).")]
+    = None,
+) -> None:
+    """Move this host into the fleet: keep its enrolment in the state dir, mint the agent's credential, and
+    point the host config at the fleet's servers (no embedded server any more)."""
+    config = config_of(ctx)
+    try:
+        doc = member.load_enrollment(enrollment)
+    except ConfigError as exc:
+        fail(exc.message, EXIT_USAGE)
+    target = config_file or config.source or default_config_path()
+    kept = config.state_dir / "fleet" / "enrollment.json"
+    kept.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if enrollment.resolve() != kept.resolve():
+        shutil.copyfile(enrollment, kept)
+    kept.chmod(0o600)
+    creds = member.write_creds(config.state_dir, doc, "agent")
+    try:
+        text = target.read_text() if target.exists() else ""
+        document = tomlkit.parse(text)
+    except (OSError, ValueError) as exc:
+        fail(f"{target}: {exc}", EXIT_USAGE)
+    document["host_id"] = doc.host
+    document["subject_prefix"] = doc.prefix
+    document["state_dir"] = str(config.state_dir)
+    nats_table = document.setdefault("nats", tomlkit.table())
+    nats_table["url"] = ",".join(doc.urls)
+    nats_table["creds"] = str(creds)
+    for stale in ("user", "password", "user_file", "token"):
+        nats_table.pop(stale, None)
+    fleet_table = document.setdefault("fleet", tomlkit.table())
+    fleet_table["enrollment"] = str(kept)
+    fleet_table["labels"] = doc.labels
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_private(target, tomlkit.dumps(document))
+    out.print(f"wrote {target}: host {doc.host} joins the fleet at {', '.join(doc.urls)} as {creds.name}")
+

@@ -1,0 +1,1 @@
+"""Many hosts on one bus: the fleet's identities (NATS operator mode), enrolment and revocation."""

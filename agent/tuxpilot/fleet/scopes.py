@@ -1,0 +1,85 @@
+"""What each role on an enrolled host may touch: the templates of the host's scoped signing keys.
+
+nats-server gives every user signed by a scoped key exactly its template's permissions, so a host
+holding its keys can mint users (its agent, its plugins, its operator) without any server change, and
+none of them can reach past the host's own subjects. A plugin's user is named after the plugin, and
+`{{name()}}` in the template keeps each plugin on its own subjects as on a single host.
+"""
+
+from __future__ import annotations
+
+from tuxpilot.bus import auth
+from tuxpilot.bus.jwt import Scope
+from tuxpilot.protocol.names import Names, Subjects, inbox_prefix
+
+ROLES = ("agent", "operator", "plugin")
+# Replaced by nats-server with each plugin user's name (the plugin's name) when the user connects.
+NAME = "{{name()}}"
+
+
+def agent_permissions(subjects: Subjects) -> tuple[list[str], list[str]]:
+    user = auth.agent_user(subjects)
+    # The gate's private execution endpoints on its own host (listed once whether auth names them or not).
+    private = f"{subjects.prefix}.exec.{subjects.host}.>"
+    return [*user.publish, *([private] if private not in user.publish else [])], user.subscribe
+
+
+def operator_permissions(subjects: Subjects) -> tuple[list[str], list[str]]:
+    """The host-local operator: its host's actions, events and records only (a fleet's own admin
+    credential reaches every host)."""
+    p, h = subjects.prefix, subjects.host
+    single = auth.operator_user(subjects)
+    js = [s for s in single.publish if s.startswith("$JS.")]
+    publish = [f"{p}.act.{h}.>", f"{p}.evt.{h}.>", subjects.agent_control("*"), "$SRV.>", *js]
+    subscribe = [f"{inbox_prefix(single.name)}.>", f"{p}.evt.{h}.>", f"{p}.result.{h}.>", f"{p}.metrics.{h}",
+                 f"{p}.proposal.{h}", f"{p}.proposal.{h}.>"]
+    return publish, subscribe
+
+
+def plugin_permissions(subjects: Subjects) -> tuple[list[str], list[str]]:
+    """A plugin named by its user: its own proposals, durable consumer, registry key and action
+    endpoint. It reads its host's events; unlike a single host it may emit none (the categories a
+    manifest may emit are not part of a key's template)."""
+    p, h = subjects.prefix, subjects.host
+    names = Names.of(subjects)
+    consumer = f"{NAME}-{h}"  # plugin_consumer_name(plugin, host)
+    publish = [
+        f"{p}.proposal.{h}",
+        f"{p}.proposal.{h}.{NAME}",
+        f"$JS.API.CONSUMER.INFO.{names.events}.{consumer}",
+        f"$JS.API.CONSUMER.MSG.NEXT.{names.events}.{consumer}",
+        f"$JS.ACK.{names.events}.{consumer}.>",
+        f"$JS.API.STREAM.INFO.{names.events}",
+        f"$JS.API.STREAM.INFO.KV_{subjects.bucket_prefix}_plugins",
+        f"$KV.{subjects.bucket_prefix}_plugins.{h}.{NAME}",
+    ]
+    subscribe = [
+        f"{inbox_prefix(f'tuxpilot-{h}-plugin-')}{NAME}.>",
+        f"{p}.act.{h}.{NAME}.>",
+        f"{p}.exec.{h}.{NAME}.>",
+        f"{p}.evt.{h}.>",
+        *(f"$SRV.{verb}{suffix}" for verb in ("PING", "INFO", "STATS") for suffix in ("", f".{NAME}", f".{NAME}.*")),
+    ]
+    return publish, subscribe
+
+
+def scope(role: str, subjects: Subjects, key: str) -> Scope:
+    publish, subscribe = {"agent": agent_permissions, "operator": operator_permissions,
+                          "plugin": plugin_permissions}[role](subjects)
+    return Scope(key=key, role=f"{subjects.host}.{role}", publish=publish, subscribe=subscribe,
+                 allow_responses=role != "operator", description=f"host {subjects.host}: {role}")
+
+
+def user_name(role: str, subjects: Subjects, plugin: str | None = None) -> str:
+    """The name a minted user carries: fixed for agent and operator (their inbox prefix follows from it),
+    the plugin's own name for a plugin (the template's `{{name()}}`)."""
+    if role == "plugin":
+        assert plugin is not None
+        return plugin
+    return f"tuxpilot-{subjects.host}-{role}"
+
+
+def inbox_of(role: str, subjects: Subjects, plugin: str | None = None) -> str:
+    if role == "plugin":
+        return inbox_prefix(f"tuxpilot-{subjects.host}-plugin-{plugin}")
+    return inbox_prefix(user_name(role, subjects))

@@ -1,0 +1,226 @@
+"""The fleet in NATS operator mode, against a real nats-server: enrolled hosts are kept to their own
+subjects by the server, a host enrolled while the server runs connects, a revoked host is cut off."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from tuxpilot.agent.app import Agent
+from tuxpilot.agent.config import load_config
+from tuxpilot.bus import jwt
+from tuxpilot.bus.server import NatsServer
+from tuxpilot.fleet import admin, member
+
+from tests.conftest import tuxpilot_exe, until
+
+
+@pytest.fixture
+def fleet_dir(tmp_path: Path) -> Path:
+    admin.init(tmp_path / "fleet", urls=["nats://127.0.0.1:4222"])
+    return tmp_path / "fleet"
+
+
+@pytest.fixture
+def fleet_server(tmp_path: Path, fleet_dir: Path) -> Iterator[NatsServer]:
+    fleet = admin.load(fleet_dir)
+    server = NatsServer(tmp_path / "srv", extra_config=admin.operator_block(fleet, tmp_path / "srv" / "jwt")).start()
+    yield server
+    server.stop()
+
+
+async def connect_creds(server: NatsServer, path: Path, inbox: str = "_INBOX", **kw: object) -> Client:
+    return await nats.connect(server.url, user_credentials=str(path), inbox_prefix=inbox,
+                              allow_reconnect=False, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def sys_nc(fleet_server: NatsServer, fleet_dir: Path) -> AsyncIterator[Client]:
+    client = await connect_creds(fleet_server, fleet_dir / "sys.creds")
+    yield client
+    await client.close()
+
+
+def creds_file(tmp_path: Path, fleet_dir: Path, host: str, role: str, plugin: str | None = None) -> Path:
+    enrollment = member.load_enrollment(fleet_dir / "hosts" / f"{host}.json")
+    return member.write_creds(tmp_path / f"state-{host}", enrollment, role, plugin)
+
+
+def test_jwt_round_trip() -> None:
+    account, operator = jwt.Key.new("account"), jwt.Key.new("operator")
+    claims = jwt.decode(jwt.account_jwt(account, operator, "fleet", jetstream=True))
+    assert claims["iss"] == operator.public
+    assert claims["sub"] == account.public
+    assert claims["nats"]["type"] == "account"
+    token = jwt.account_jwt(account, operator, "fleet", jetstream=True)
+    head, body, sig = token.split(".")
+    with pytest.raises(ValueError, match="not a valid NATS JWT"):
+        jwt.decode(f"{head}.{body}.{sig[:-4]}AAAA")
+
+
+async def test_enrolled_while_running_kept_to_its_own_subjects(
+    tmp_path: Path, fleet_dir: Path, fleet_server: NatsServer, sys_nc: Client
+) -> None:
+    # Enrolled after the server started: the account update is pushed, nothing restarts.
+    for host in ("web-1", "web-2"):
+        fleet, _ = admin.enroll(fleet_dir, host, {"role": "web"})
+        await admin.push(sys_nc, fleet)
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    agent1 = await connect_creds(fleet_server, creds_file(tmp_path, fleet_dir, "web-1", "agent"),
+                                 "_INBOX_tuxpilot-web-1-agent", error_cb=on_error)
+    agent2 = await connect_creds(fleet_server, creds_file(tmp_path, fleet_dir, "web-2", "agent"),
+                                 "_INBOX_tuxpilot-web-2-agent")
+    watcher = await connect_creds(fleet_server, fleet_dir / "admin.creds")
+    try:
+        seen: list[str] = []
+
+        async def record(msg: Msg) -> None:
+            seen.append(msg.subject)
+
+        await watcher.subscribe("tuxpilot.>", cb=record)
+        await watcher.flush()
+        # web-1's agent publishes on web-2's subjects: the server refuses each one.
+        for subject in ("tuxpilot.evt.web-2.memory.high", "tuxpilot.act.web-2.sysmon.report",
+                        "tuxpilot.proposal.web-2", "tuxpilot.exec.web-2.sysmon.report"):
+            await agent1.publish(subject, b"{}")
+        await agent1.flush()
+        await until(lambda: sum("permissions violation" in str(e).lower() for e in errors) >= 4, 5, "4 refusals")
+        # Its own subjects pass.
+        await agent1.publish("tuxpilot.evt.web-1.memory.high", b"{}")
+        await agent1.flush()
+        await until(lambda: "tuxpilot.evt.web-1.memory.high" in seen, 5, "web-1's own event")
+        assert not [s for s in seen if ".web-2" in s]
+    finally:
+        await watcher.close()
+        await agent1.close()
+        await agent2.close()
+
+
+async def test_plugin_kept_to_its_own_endpoint(
+    tmp_path: Path, fleet_dir: Path, fleet_server: NatsServer, sys_nc: Client
+) -> None:
+    fleet, _ = admin.enroll(fleet_dir, "web-1", {})
+    await admin.push(sys_nc, fleet)
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    # A plugin minted by its host's agent may serve its own exec endpoint, not another plugin's.
+    evil = await connect_creds(fleet_server, creds_file(tmp_path, fleet_dir, "web-1", "plugin", "evil"),
+                               "_INBOX_tuxpilot-web-1-plugin-evil", error_cb=on_error)
+    agent = await connect_creds(fleet_server, creds_file(tmp_path, fleet_dir, "web-1", "agent"),
+                                "_INBOX_tuxpilot-web-1-agent")
+    try:
+        async def answer(msg: Msg) -> None:
+            await msg.respond(b'{"ok":1}')
+
+        await evil.subscribe("tuxpilot.exec.web-1.sysmon.>", cb=answer)
+        await evil.subscribe("tuxpilot.exec.web-1.evil.ping", cb=answer)
+        await evil.flush()
+        await until(lambda: any("permissions violation" in str(e).lower() for e in errors), 5, "refused subscription")
+        reply = await agent.request("tuxpilot.exec.web-1.evil.ping", b"{}", timeout=2)
+        assert reply.data == b'{"ok":1}'
+        with pytest.raises(NoRespondersError):
+            await agent.request("tuxpilot.exec.web-1.sysmon.report", b"{}", timeout=2)
+        # Nor may it write another plugin's registry key or propose as another plugin.
+        await evil.publish("tuxpilot.proposal.web-1.sysmon", b"{}")
+        await evil.flush()
+        await until(lambda: any("tuxpilot.proposal.web-1.sysmon" in str(e) for e in errors), 5, "refused proposal")
+    finally:
+        await evil.close()
+        await agent.close()
+
+
+async def test_revoked_host_cut_off_with_open_connection(
+    tmp_path: Path, fleet_dir: Path, fleet_server: NatsServer, sys_nc: Client
+) -> None:
+    for host in ("web-1", "web-2"):
+        fleet, _ = admin.enroll(fleet_dir, host, {})
+    await admin.push(sys_nc, fleet)
+    closed = asyncio.Event()
+
+    async def on_closed() -> None:
+        closed.set()
+
+    victim = await connect_creds(fleet_server, creds_file(tmp_path, fleet_dir, "web-1", "agent"),
+                                 "_INBOX_tuxpilot-web-1-agent", closed_cb=on_closed)
+    other = await connect_creds(fleet_server, creds_file(tmp_path, fleet_dir, "web-2", "agent"),
+                                "_INBOX_tuxpilot-web-2-agent")
+    try:
+        assert victim.is_connected
+        await admin.push(sys_nc, admin.revoke(fleet_dir, "web-1"))
+        await asyncio.wait_for(closed.wait(), 5)  # its open connection is dropped by the server
+        assert other.is_connected  # the others stay
+        await other.publish("tuxpilot.evt.web-2.memory.high", b"{}")
+        await other.flush()
+        # And it cannot come back with a user minted from its old keys.
+        with pytest.raises(Exception, match=r"(?i)authorization"):
+            await connect_creds(fleet_server, creds_file(tmp_path, fleet_dir, "web-1", "agent"),
+                                "_INBOX_tuxpilot-web-1-agent", max_reconnect_attempts=0)
+    finally:
+        await victim.close()
+        await other.close()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([tuxpilot_exe(), *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
+async def test_join_an_agent_and_its_plugin_to_a_running_fleet(tmp_path: Path) -> None:
+    """fleet init → nats-server → fleet enroll (pushed live) → fleet join writes the host config → the agent
+    mints its own and sysmon's users from the enrolment; the fleet admin calls sysmon through the gate."""
+    folder = tmp_path / "fleet"
+    server = NatsServer(tmp_path / "srv", extra_config="").start()  # only to learn a free port
+    port = server.port
+    server.stop()
+    done = run_cli("fleet", "init", "--dir", str(folder), "--port", str(port))
+    assert done.returncode == 0, done.stderr
+    fleet = admin.load(folder)
+    server = NatsServer(tmp_path / "srv", port=port,
+                        extra_config=admin.operator_block(fleet, tmp_path / "srv" / "jwt")).start()
+    try:
+        done = run_cli("fleet", "enroll", "web-1", "--dir", str(folder), "--label", "role=web")
+        assert done.returncode == 0, done.stderr
+        assert "account updated on the servers" in done.stdout
+        host_cfg = tmp_path / "web-1.toml"
+        state = tmp_path / "state-web-1"
+        done = run_cli("fleet", "join", str(folder / "hosts" / "web-1.json"), "--write", str(host_cfg),
+                       env={"TUXPILOT_STATE_DIR": str(state)})
+        assert done.returncode == 0, done.stderr
+        text = host_cfg.read_text()
+        assert 'host_id = "web-1"' in text and "creds" in text and "role = \"web\"" in text
+        config = load_config(host_cfg, environ={"TUXPILOT_MONITOR_ENABLED": "false"})
+        async with Agent(config, embedded=False) as agent:
+            assert agent.nc is not None and agent.nc.is_connected
+            operator = await connect_creds(server, folder / "admin.creds")
+            try:
+                reply = None
+                for _ in range(100):  # until sysmon has connected with its own minted user
+                    try:
+                        reply = await operator.request("tuxpilot.act.web-1.sysmon.top_processes", b"{}", timeout=10)
+                        break
+                    except NoRespondersError:
+                        await asyncio.sleep(0.1)
+
+                assert reply is not None
+                assert not (reply.headers or {}).get("Nats-Service-Error-Code"), reply.data
+                assert json.loads(reply.data)
+            finally:
+                await operator.close()
+    finally:
+        server.stop()
