@@ -104,7 +104,8 @@ def test_a_runtime_this_host_cannot_run_is_named_with_what_is_missing(tmp_path: 
         f"runtime javascript cannot run here: node is not on PATH ({NO_NODE}): install Node.js or add its "
         "directory to PATH"
     )
-    assert found["tiny"].problem == "runtime wasm cannot run here: this TuxPilot has no WebAssembly runtime yet"
+    assert found["tiny"].problem == (f"runtime wasm cannot run here: its entry point {base}/tiny/plugin.wasm is not a "
+                                     "valid WebAssembly module: unexpected end-of-file (at offset 0x4)")
     assert found["boxed"].problem == "runtime container cannot run here: this TuxPilot has no container runtime yet"
     assert found["noexec"].problem is not None and "is not executable" in found["noexec"].problem
     assert found["fine"].runnable
@@ -286,7 +287,8 @@ async def test_an_agent_refuses_what_it_cannot_run_and_status_shows_why_and_the_
             assert crashy["state"] == "crash_loop" and crashy["last_exit"]["exit_code"] == 3, crashy
             assert states[f"{HOST}.tiny"]["state"] == "not_runnable"
             assert states[f"{HOST}.tiny"]["reason"] == (
-                "runtime wasm cannot run here: this TuxPilot has no WebAssembly runtime yet")
+                f"runtime wasm cannot run here: its entry point {base}/tiny/plugin.wasm is not a valid WebAssembly "
+                "module: unexpected end-of-file (at offset 0x4)")
             assert "broken manifest" in states[f"{HOST}.broken"]["reason"]
             assert states[f"{HOST}.fine"]["state"] == "running" and states[f"{HOST}.fine"]["pid"]
 

@@ -18,6 +18,9 @@ STATUS_CODES: dict[str, int] = {
     "internal": 500,
     "unavailable": 503,
     "timeout": 504,
+    # A sandboxed plugin's guest: hit its memory or fuel cap, or trapped / answered garbage.
+    "resource_exhausted": 507,
+    "plugin_fault": 502,
 }
 
 
