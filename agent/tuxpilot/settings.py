@@ -82,7 +82,9 @@ class EmbeddedConfig(Section):
 class StreamsConfig(Section):
     """JetStream streams the agent creates (idempotently) for events, proposals and the audit trail."""
 
-    replicas: Annotated[int, Field(ge=1, le=5)] = 1
+    replicas: Annotated[int, Field(ge=0, le=5)] = Field(
+        0, description="Copies of each stream and bucket; 0: 3 when the cluster has 3 or more servers, else 1."
+    )
     duplicate_window_s: Seconds = 120.0
     events_max_age_s: Seconds = 24 * 3600.0
     events_max_bytes: int = 256 * 1024 * 1024

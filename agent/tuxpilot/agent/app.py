@@ -35,7 +35,7 @@ from tuxpilot.bus import connect as bus
 from tuxpilot.bus.plugin_state import put_state, state_bucket
 from tuxpilot.bus.registry import open_bucket
 from tuxpilot.bus.server import NatsServer
-from tuxpilot.bus.streams import create_plugin_consumer, ensure_streams
+from tuxpilot.bus.streams import create_plugin_consumer, ensure_streams, replicas_for
 from tuxpilot.fleet import member
 from tuxpilot.protocol.errors import ConfigError
 from tuxpilot.protocol.manifest import Manifest, builtin_dir
@@ -249,9 +249,12 @@ class Agent:
             connection(nats_cfg, self.url, name=f"tuxpilot-agent-{cfg.host_id}", on_reconnect=self._on_reconnect)
         )
         js = nc.jetstream()
+        # Decided once, from the servers the connection knows: every stream, bucket and plugin after this
+        # (plugins get the streams section in their environment) uses the same count.
+        cfg.streams = cfg.streams.model_copy(update={"replicas": replicas_for(nc, cfg.streams)})
         await ensure_streams(js, self.subjects, cfg.streams)
         # What plugins may not do for themselves under generated authorization.
-        await open_bucket(js, self.subjects)
+        await open_bucket(js, self.subjects, cfg.streams.replicas)
         for _, manifest in plugins.values():
             await create_plugin_consumer(js, manifest, self.subjects, cfg.streams)
         self._states = await state_bucket(js, self.subjects, cfg.streams.replicas)

@@ -17,13 +17,14 @@ from tuxpilot.protocol.names import Names, Subjects, registry_key
 from tuxpilot.protocol.registry import RegistryEntry
 
 
-async def open_bucket(js: JetStreamContext, subjects: Subjects) -> KeyValue:
+async def open_bucket(js: JetStreamContext, subjects: Subjects, replicas: int = 1) -> KeyValue:
     """The registry bucket, created on first use by whoever comes first (agent or plugin)."""
     name = Names.of(subjects).plugins
     try:
         return await js.key_value(name)
     except BucketNotFoundError:
-        return await js.create_key_value(bucket=name, history=1, description="TuxPilot plugin manifests")
+        return await js.create_key_value(bucket=name, history=1, description="TuxPilot plugin manifests",
+                                         replicas=replicas)
 
 
 async def announce(js: JetStreamContext, subjects: Subjects, manifest: Manifest, instance: str) -> None:

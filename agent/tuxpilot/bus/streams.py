@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
@@ -41,6 +42,22 @@ def _stream(
         num_replicas=cfg.replicas,
         duplicate_window=cfg.duplicate_window_s,
     )
+
+
+CLUSTER_REPLICAS = 3
+
+
+def cluster_size(nc: Client) -> int:
+    """Servers this client knows of: those configured plus those the cluster announced (connect_urls)."""
+    return len({(u.hostname, u.port) for u in nc.servers})
+
+
+def replicas_for(nc: Client, cfg: StreamsConfig) -> int:
+    """The configured replicas, or (0) R3 on a cluster of three or more servers and R1 otherwise: R3 keeps
+    every stream and bucket readable and writable with one server down; R2 would not (no majority)."""
+    if cfg.replicas:
+        return cfg.replicas
+    return CLUSTER_REPLICAS if cluster_size(nc) >= CLUSTER_REPLICAS else 1
 
 
 def stream_configs(subjects: Subjects, cfg: StreamsConfig) -> list[StreamConfig]:
