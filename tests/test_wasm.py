@@ -101,8 +101,42 @@ def test_compiled_modules_are_cached_by_engine_version_and_config(tmp_path: Path
     assert json.loads(again.call(action("x")))["ok"]["action"] == "x"
 
 
-def test_preopens_are_read_only_unless_write_is_granted() -> None:
-    assert Preopen(Path("/var/log"), "/var/log").write is False
+# -- C guests, and the filesystem and environment a guest gets -----------------------------------------
+
+def c_toolchain() -> bool:
+    return shutil.which("clang") is not None and Path("/usr/lib/wasm32-wasi/libc.a").is_file()
+
+
+def build_c(source: Path, out: Path) -> Path:
+    """A C guest built as the README says (Debian's clang and wasi-libc)."""
+    need("clang with wasi-libc", c_toolchain(), "apt-get install clang lld wasi-libc libclang-rt-dev-wasm32")
+    subprocess.run(["clang", "--target=wasm32-wasi", "-mexec-model=reactor", "-O2", "-Wl,--strip-all",
+                    "-I", str(REPO / "guests" / "c"), "-o", str(out), str(source)], check=True, timeout=300)
+    return out
+
+
+def test_a_c_guest_sees_only_the_directories_it_is_given_read_only_unless_write(tmp_path: Path) -> None:
+    wasm = build_c(REPO / "tests" / "wasm" / "c" / "fsprobe.c", tmp_path / "fsprobe.wasm")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "note").write_text("in the shared dir\n")
+
+    def run(dirs: tuple[Preopen, ...]) -> list[dict[str, object]]:
+        box = Sandbox(wasm, Limits(memory_bytes=16 * MiB, dirs=dirs))
+        calls = [action("read", {"path": f"{shared}/note"}), action("read", {"path": "/etc/hostname"}),
+                 action("read", {"path": f"{shared}/../../../../etc/hostname"}),
+                 action("write", {"path": f"{shared}/new", "text": "x"}), action("env")]
+        return [json.loads(box.call(c)) for c in calls]
+
+    nothing = run(())
+    assert [next(iter(r)) for r in nothing[:4]] == ["error"] * 4 and not (shared / "new").exists()
+    assert nothing[4] == {"ok": {"environ": 0, "home": False}}
+    read_only = run((Preopen(shared, str(shared)),))
+    assert read_only[0] == {"ok": {"text": "in the shared dir\n"}}
+    assert [next(iter(r)) for r in read_only[1:4]] == ["error"] * 3 and not (shared / "new").exists()
+    writable = run((Preopen(shared, str(shared), write=True),))
+    assert writable[3] == {"ok": {"written": 1}} and (shared / "new").read_text() == "x"
+    assert [next(iter(r)) for r in writable[1:3]] == ["error"] * 2
 
 
 # -- a wasm plugin process under a real agent ------------------------------------------------------------
@@ -150,6 +184,54 @@ async def test_a_wasm_plugin_answers_each_fault_with_an_error_and_serves_the_nex
                 # the same process serves the next call
                 assert (await call("echo"))[0]["data"]["action"] == "echo"  # type: ignore[index]
                 assert agent.host.plugins["faulty"].pid == pid
+        finally:
+            await nc.close()
+
+
+FSPROBE = """
+permissions = ["filesystem_read", "filesystem_write"]
+[actions.read]
+permission = "filesystem_read"
+[actions.write]
+permission = "filesystem_write"
+[actions.env]
+"""
+
+
+async def test_the_host_gives_a_wasm_plugin_its_directories_by_grant_only(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """The manifest asks for both filesystem permissions; the host grants read only, on one directory.
+    Through the real agent: reads in it work, writes and reads elsewhere are refused by the sandbox."""
+    base = tmp_path / "plugins"
+    folder = make_plugin(base, "fsprobe", "wasm", "fsprobe.wasm", "", extra=FSPROBE)
+    build_c(REPO / "tests" / "wasm" / "c" / "fsprobe.c", folder / "fsprobe.wasm")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "note").write_text("granted\n")
+    grants = {"fsprobe": {"permissions": ["filesystem_read"], "sandbox_dirs": [str(shared)]}}
+    config = host_config([base], ["fsprobe"], url=nats_server.url, TUXPILOT_CONFINEMENT_USER="root",
+                         TUXPILOT_PLUGINS=json.dumps(grants))
+    subjects = Subjects.of(config)
+    async with Agent(config, embedded=False):
+        nc = await connect(config.nats, nats_server.url, name="test")
+        try:
+            async def call(name: str, params: dict[str, str]) -> dict[str, object]:
+                for _ in range(100):
+                    try:
+                        msg = await nc.request(subjects.act("fsprobe", name), json.dumps(params).encode(), timeout=5)
+                        return json.loads(msg.data)  # type: ignore[no-any-return]
+                    except Exception:
+                        await asyncio.sleep(0.1)
+                raise AssertionError(f"no answer from fsprobe.{name}")
+
+            assert (await call("read", {"path": f"{shared}/note"}))["data"] == {"text": "granted\n"}
+            assert (await call("read", {"path": "/etc/hostname"}))["code"] == "not_found"
+            assert (await call("read", {"path": f"{shared}/../../../etc/hostname"}))["code"] == "not_found"
+            assert (await call("env", {}))["data"] == {"environ": 0, "home": False}
+            # Ungranted, write is refused either by the gate (when it checks grants) or by the read-only dir.
+            assert "code" in await call("write", {"path": f"{shared}/new", "text": "x"})
+            assert not (shared / "new").exists()
         finally:
             await nc.close()
 

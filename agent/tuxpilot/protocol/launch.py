@@ -31,9 +31,11 @@ LOG_LEVEL = env_name("log", "level")
 LOG_FORMAT = env_name("log", "format")
 # Set for plugins in languages that read no TOML (runtime javascript): the manifest, as JSON.
 MANIFEST = env_name("manifest")
+# runtime = "wasm" only, JSON [{"host": DIR, "guest": DIR, "write": bool}]: the directories the guest may see
+SANDBOX_DIRS = env_name("sandbox_dirs")
 # Variables the host sets itself, whatever the agent's own environment says.
 HOST_SET = frozenset({PLUGIN, PLUGINS, CONFIG, HOST_ID, SUBJECT_PREFIX, STATE_DIR, NATS_URL, LOG_LEVEL, LOG_FORMAT,
-                      MANIFEST})
+                      MANIFEST, SANDBOX_DIRS})
 
 # Who the agent is on the bus: never passed on to a plugin.
 AGENT_SECRETS = frozenset(env_name("nats", key) for key in ("user", "password", "token", "creds", "user_file"))

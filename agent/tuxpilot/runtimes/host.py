@@ -28,6 +28,7 @@ from tuxpilot.runtimes.catalog import runtime_of
 from tuxpilot.runtimes.confine import Confinement, Plan
 from tuxpilot.runtimes.loader import plugin_path
 from tuxpilot.runtimes.settings import HostSettings
+from tuxpilot.runtimes.wasm import sandbox_dirs
 from tuxpilot.settings import environment_of
 
 log = structlog.get_logger("tuxpilot.host")
@@ -150,6 +151,10 @@ class PluginHost(Part):
         if plan is not None and plan.account is not None:
             env["HOME"] = str(self.workdir(plugin))
         env.update(launch_of(plugin).env)  # what its runtime adds, e.g. how its limits map
+        if plugin.manifest.runtime == "wasm":
+            settings = self.config.plugin(plugin.name)
+            dirs = sandbox_dirs(settings.sandbox_dirs, settings.granted(plugin.manifest))
+            env[launch.SANDBOX_DIRS] = json.dumps(dirs)
         return env
 
     async def start(self) -> None:

@@ -27,6 +27,11 @@ class PluginSettings(Section):
         description="When several plugin folders hold a plugin of this name: the one to load (the others are "
         "refused). Unset: a built-in wins over a folder in plugin_dirs.",
     )
+    sandbox_dirs: list[Path] = Field(
+        default_factory=list,
+        description="A wasm plugin's directories: seen read-only with filesystem_read granted, writable with "
+        "filesystem_write, not at all without either.",
+    )
 
     def granted(self, manifest: Manifest) -> frozenset[Permission]:
         if self.permissions is not None:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import ClassVar
 
-from tuxpilot.protocol.manifest import Manifest
+from tuxpilot.protocol.manifest import Manifest, Permission
 from tuxpilot.runtimes.base import Launch, Runtime
 
 PROCESS_MODULE = "tuxpilot.sdk.wasm"
@@ -44,3 +44,12 @@ class Wasm(Runtime):
 
     def probe(self, path: str) -> list[str] | None:
         return [sys.executable, "-c", f"import {PROCESS_MODULE}"]
+
+
+def sandbox_dirs(dirs: list[Path], granted: frozenset[Permission]) -> list[dict[str, object]]:
+    """The host-configured directories a wasm guest sees, by its grants: none without a filesystem
+    permission, read-only with filesystem_read, writable only with filesystem_write."""
+    write = Permission.filesystem_write in granted
+    if not write and Permission.filesystem_read not in granted:
+        return []
+    return [{"host": str(d), "guest": str(d), "write": write} for d in dirs]

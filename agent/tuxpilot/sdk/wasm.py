@@ -36,6 +36,7 @@ import structlog
 import wasmtime
 
 from tuxpilot.log import setup as setup_logging
+from tuxpilot.protocol import launch
 from tuxpilot.protocol.errors import ConfigError, TuxPilotError
 from tuxpilot.protocol.manifest import Manifest
 from tuxpilot.protocol.manifest import load as load_manifest
@@ -47,7 +48,7 @@ ABI_VERSION = 1
 ALLOC_EXPORT, CALL_EXPORT, MEMORY_EXPORT = "tuxpilot_alloc", "tuxpilot_call", "memory"
 # What the host passes: the directories a granted filesystem permission opens, as JSON
 # [{"host": "/var/log", "guest": "/var/log", "write": false}].
-DIRS_ENV = "TUXPILOT_SANDBOX_DIRS"
+DIRS_ENV = launch.SANDBOX_DIRS
 KEEP_STATE_KEY = "sandbox_keep_state"  # [config] key by which a manifest opts into one long-lived instance
 
 EPOCH_TICK_S = 0.01
@@ -190,7 +191,11 @@ class Sandbox:
             store.set_wasi(wasi)
         self._arm(store, DEFAULT_TIMEOUT_S)
         try:
-            return store, self.linker.instantiate(store, self.module)
+            instance = self.linker.instantiate(store, self.module)
+            init = instance.exports(store).get("_initialize")
+            if isinstance(init, wasmtime.Func):  # a WASI reactor (C, Rust on wasm32-wasi) sets up libc here
+                init(store)
+            return store, instance
         except wasmtime.Trap as exc:
             raise self._fault(exc, store, None) from exc
         except wasmtime.WasmtimeError as exc:
