@@ -32,10 +32,11 @@ from tuxpilot.agent.outbox import Outbox
 from tuxpilot.agent.registry import Registry
 from tuxpilot.bus import auth
 from tuxpilot.bus import connect as bus
+from tuxpilot.bus.consumer import CHECK_EVERY_S
 from tuxpilot.bus.plugin_state import put_state, state_bucket
 from tuxpilot.bus.registry import open_bucket
 from tuxpilot.bus.server import NatsServer
-from tuxpilot.bus.streams import create_plugin_consumer, ensure_streams, replicas_for
+from tuxpilot.bus.streams import create_plugin_consumer, ensure_streams, guard_plugin_consumers, replicas_for
 from tuxpilot.fleet import member
 from tuxpilot.protocol.errors import ConfigError
 from tuxpilot.protocol.manifest import Manifest, builtin_dir
@@ -255,8 +256,14 @@ class Agent:
         await ensure_streams(js, self.subjects, cfg.streams)
         # What plugins may not do for themselves under generated authorization.
         await open_bucket(js, self.subjects, cfg.streams.replicas)
-        for _, manifest in plugins.values():
-            await create_plugin_consumer(js, manifest, self.subjects, cfg.streams)
+        consumers = [(manifest, cfg.plugin(name).history) for name, (_, manifest) in plugins.items()]
+        for manifest, history in consumers:
+            await create_plugin_consumer(js, manifest, self.subjects, cfg.streams, history=history)
+        await stack.enter_async_context(
+            background(
+                guard_plugin_consumers(js, consumers, self.subjects, cfg.streams, CHECK_EVERY_S), name="consumer-guard"
+            )
+        )
         self._states = await state_bucket(js, self.subjects, cfg.streams.replicas)
         await self._refuse(selected)
         self.outbox = await stack.enter_async_context(Outbox(self._send_event, limit=cfg.monitor.buffer_events))

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from datetime import datetime, timedelta
 from typing import Any, get_args
 
 from nats.aio.client import Client
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.errors import TimeoutError as NatsTimeout
 
-from tuxpilot.protocol.errors import BadRequest
+from tuxpilot.protocol.errors import BadRequest, TuxPilotError
 from tuxpilot.protocol.models import Status, now
 from tuxpilot.protocol.names import Names, Subjects
 
@@ -33,8 +34,9 @@ def parse_since(text: str) -> datetime:
 
 
 STATUSES: tuple[str, ...] = get_args(Status)
-# Each message of the listing must arrive within this long once the server said it is there.
-NEXT_MSG_TIMEOUT_S = 5.0
+# Records asked of the server at once, and how long one batch may take to arrive.
+BATCH = 1000
+BATCH_TIMEOUT_S = 5.0
 
 
 def check_filters(status: str | None) -> None:
@@ -56,35 +58,59 @@ async def read(
 ) -> list[dict[str, Any]]:
     """The newest `limit` records matching the filters, oldest first.
 
-    Exact: the number of matching records is taken from the consumer right after it is created
-    (delivered so far + still pending: the push consumer may have delivered some already, so
-    `num_pending` alone can be 0 while records are on their way), and exactly that many are read.
+    Read with batched direct gets (nats-server 2.11+), not a consumer: reading needs no right to
+    create consumers, which operators do not have (a consumer "create" can update any durable, the
+    gate's included). Exact: batches are read until the server says none is left.
     """
     check_filters(status)
-    js = nc.jetstream()
     stream = Names.of(subjects).audit
     subject = f"{subjects.prefix}.result.{host}.{plugin}.{action}"
-    if since is not None:
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since)
-    else:
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True, config=config)
     records: list[dict[str, Any]] = []
-    try:
-        info = await sub.consumer_info()
-        expected = (info.delivered.consumer_seq if info.delivered else 0) + (info.num_pending or 0)
-        for _ in range(expected):
-            msg = await sub.next_msg(timeout=NEXT_MSG_TIMEOUT_S)
+    request: dict[str, Any] = {"batch": BATCH, "next_by_subj": subject}
+    if since is not None:
+        request["start_time"] = since.isoformat()
+    else:
+        request["seq"] = 1
+    while True:
+        bodies, last_seq, pending = await _batch(nc, stream, request)
+        for body in bodies:
             try:
-                doc = json.loads(msg.data)
+                doc = json.loads(body)
             except ValueError:
                 doc = None
             if isinstance(doc, dict) and (status is None or doc.get("status") == status):
                 records.append(doc)
                 if len(records) > limit:
                     records.pop(0)
-            if msg.metadata.num_pending == 0:
-                break
+        if not bodies or not pending:
+            return records
+        request = {"batch": BATCH, "next_by_subj": subject, "seq": last_seq + 1}
+
+
+async def _batch(nc: Client, stream: str, request: dict[str, Any]) -> tuple[list[bytes], int, int]:
+    """One batch of a direct get: the bodies, the last sequence read and how many matching are left."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    bodies: list[bytes] = []
+    last_seq = 0
+    try:
+        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox)
+        deadline = asyncio.get_running_loop().time() + BATCH_TIMEOUT_S
+        while True:
+            msg = await sub.next_msg(timeout=max(0.01, deadline - asyncio.get_running_loop().time()))
+            headers = msg.headers or {}
+            code = headers.get("Status")
+            if code == "404":  # nothing (more) matches
+                return bodies, last_seq, 0
+            if code == "204":  # end of this batch
+                return bodies, int(headers.get("Nats-Last-Sequence") or last_seq), int(
+                    headers.get("Nats-Num-Pending") or 0
+                )
+            if code is not None:
+                raise TuxPilotError(f"reading {stream}: {code} {headers.get('Description', '')}".strip())
+            bodies.append(msg.data)
+            last_seq = int(headers.get("Nats-Sequence") or last_seq)
+    except (TimeoutError, NatsTimeout):
+        raise TuxPilotError(f"reading {stream}: no answer within {BATCH_TIMEOUT_S} s", code="unavailable") from None
     finally:
         await sub.unsubscribe()
-    return records

@@ -19,7 +19,7 @@ import bcrypt
 
 from tuxpilot.protocol.launch import CredentialFile
 from tuxpilot.protocol.manifest import Manifest
-from tuxpilot.protocol.names import Names, Subjects, inbox_prefix, plugin_consumer_name
+from tuxpilot.protocol.names import Names, Subjects, inbox_prefix, operator_consumer_name, plugin_consumer_name
 
 # Every password is 24 random bytes (192 bits): no guess gets anywhere near it, so bcrypt's work factor,
 # which protects guessable passwords, buys nothing here, and the server pays it on every connection.
@@ -118,6 +118,10 @@ def operator_name(subjects: Subjects) -> str:
 
 def operator_user(subjects: Subjects) -> User:
     p, name = subjects.prefix, operator_name(subjects)
+    # Reading is by message get. A consumer "create" updates an existing durable of the name in its
+    # body (even on the unnamed subject), so no create subject but the one naming the operator's own
+    # consumer: otherwise a reader could re-point the gate's consumer and silence it.
+    own = operator_consumer_name(subjects.host)
     read_js = [
         "$JS.API.INFO",
         "$JS.API.STREAM.INFO.>",
@@ -125,12 +129,14 @@ def operator_user(subjects: Subjects) -> User:
         "$JS.API.STREAM.LIST",
         "$JS.API.STREAM.MSG.GET.>",
         "$JS.API.DIRECT.GET.>",
-        "$JS.API.CONSUMER.CREATE.>",
+        f"$JS.API.CONSUMER.CREATE.*.{own}",
+        f"$JS.API.CONSUMER.CREATE.*.{own}.>",
         "$JS.API.CONSUMER.INFO.>",
         "$JS.API.CONSUMER.NAMES.>",
         "$JS.API.CONSUMER.LIST.>",
-        "$JS.API.CONSUMER.DELETE.>",
-        "$JS.API.CONSUMER.MSG.NEXT.>",
+        f"$JS.API.CONSUMER.DELETE.*.{own}",
+        f"$JS.API.CONSUMER.MSG.NEXT.*.{own}",
+        f"$JS.ACK.*.{own}.>",
         "$JS.FC.>",
     ]
     return User(

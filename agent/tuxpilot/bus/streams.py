@@ -5,13 +5,14 @@ Created idempotently by whoever starts first; an existing stream is updated to t
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.client import KV_STREAM_TEMPLATE
 from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
@@ -41,6 +42,7 @@ def _stream(
         max_msgs_per_subject=per_subject,
         num_replicas=cfg.replicas,
         duplicate_window=cfg.duplicate_window_s,
+        allow_direct=True,  # readers (`tuxpilot audit`) get messages directly: they may not create consumers
     )
 
 
@@ -151,9 +153,14 @@ async def bounded_bucket(
 
 
 def plugin_consumer(
-    js: Any, manifest: Manifest, subjects: Subjects, cfg: StreamsConfig, handler: Handler
+    js: Any, manifest: Manifest, subjects: Subjects, cfg: StreamsConfig, handler: Handler, *, history: bool = False
 ) -> Durable:
-    """The durable consumer of a plugin's events on one host: filters from its manifest's `subscribes`."""
+    """The durable consumer of a plugin's events on one host: filters from its manifest's `subscribes`.
+
+    A new consumer starts at events published from then on: a plugin installed today does not act
+    on yesterday's disk.low. `history` (the host's `[plugins.<name>] history = true`) starts it at the
+    oldest event the stream keeps instead; either way only when the consumer is first created.
+    """
     return Durable(
         js,
         stream=Names.of(subjects).events,
@@ -164,6 +171,7 @@ def plugin_consumer(
         max_deliver=cfg.max_deliver,
         backoff=cfg.backoff_s,
         metadata={"tuxpilot": "plugin", "plugin": manifest.name, "host": subjects.host},
+        deliver_policy=DeliverPolicy.ALL if history else DeliverPolicy.NEW,
     )
 
 
@@ -171,7 +179,28 @@ async def _no_handler(msg: Msg) -> None:
     raise RuntimeError("consumer created for someone else")
 
 
-async def create_plugin_consumer(js: Any, manifest: Manifest, subjects: Subjects, cfg: StreamsConfig) -> None:
+async def create_plugin_consumer(
+    js: Any, manifest: Manifest, subjects: Subjects, cfg: StreamsConfig, *, history: bool = False
+) -> None:
     """What the agent does for each local plugin under generated authorization (plugins may not)."""
     if manifest.subscribes:
-        await plugin_consumer(js, manifest, subjects, cfg, _no_handler).ensure()
+        await plugin_consumer(js, manifest, subjects, cfg, _no_handler, history=history).ensure()
+
+
+async def guard_plugin_consumers(
+    js: Any, manifests: list[tuple[Manifest, bool]], subjects: Subjects, cfg: StreamsConfig, every_s: float
+) -> None:
+    """Check the local plugins' consumers every `every_s` and restore any that someone changed: the
+    plugins' own users may not (`consumer.restored`). Runs until cancelled."""
+    guarded = [
+        plugin_consumer(js, manifest, subjects, cfg, _no_handler, history=history)
+        for manifest, history in manifests
+        if manifest.subscribes
+    ]
+    while True:
+        await asyncio.sleep(every_s)
+        for consumer in guarded:
+            try:
+                await consumer.ensure()
+            except Exception as exc:  # the server is away: next round
+                log.debug("streams.guard_failed", consumer=consumer.name, error=f"{type(exc).__name__}: {exc}"[:200])

@@ -33,7 +33,9 @@ def event_emit(
     severity: Annotated[str, typer.Option(help="info, warning or critical.")] = "warning",
     resource: Annotated[str | None, typer.Option(help="What it is about (a mountpoint, a container).")] = None,
     threshold: Annotated[float | None, typer.Option(help="The threshold crossed.")] = None,
-    ttl: Annotated[float | None, typer.Option(help="Seconds during which acting on it makes sense.")] = None,
+    ttl: Annotated[
+        float | None, typer.Option(help="Seconds during which acting on it makes sense (default: monitor.event_ttl_s).")
+    ] = None,
 ) -> None:
     """Publish one test event, as the monitor would."""
     config = config_of(ctx)
@@ -49,7 +51,8 @@ def event_emit(
                 "severity": severity,
                 "resource": resource,
                 "threshold": threshold,
-                "ttl": ttl,
+                # As the monitor's own events: a test event must not be acted on hours later.
+                "ttl": ttl if ttl is not None else config.monitor.event_ttl_s,
                 "source": "cli",
             }
         )

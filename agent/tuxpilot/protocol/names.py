@@ -104,6 +104,12 @@ def plugin_consumer_name(plugin: str, host: str) -> str:
     return f"{plugin}-{host}"
 
 
+def operator_consumer_name(host: str) -> str:
+    """The one consumer name a host's operator user may create, read from and delete (`op_` names are
+    never TuxPilot's own durables)."""
+    return f"op_{host}"
+
+
 def cooldown_key(host: str, key: str) -> str:
     """A cooldown's key in the cooldowns bucket: per host, the (plugin.action:resource) key hashed, since
     KV keys allow only `[-/_=.a-zA-Z0-9]` and resources ("/var/lib", container names) need not."""

@@ -32,6 +32,10 @@ class PluginSettings(Section):
         description="A wasm plugin's directories: seen read-only with filesystem_read granted, writable with "
         "filesystem_write, not at all without either.",
     )
+    history: bool = Field(
+        False,
+        description="A new plugin's consumer starts at the oldest event kept instead of at new events.",
+    )
 
     def granted(self, manifest: Manifest) -> frozenset[Permission]:
         if self.permissions is not None:
