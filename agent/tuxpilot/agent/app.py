@@ -256,12 +256,12 @@ class Agent:
         await ensure_streams(js, self.subjects, cfg.streams)
         # What plugins may not do for themselves under generated authorization.
         await open_bucket(js, self.subjects, cfg.streams.replicas)
-        consumers = [(manifest, cfg.plugin(name).history) for name, (_, manifest) in plugins.items()]
-        for manifest, history in consumers:
-            await create_plugin_consumer(js, manifest, self.subjects, cfg.streams, history=history)
+        for name, (_, manifest) in plugins.items():
+            await create_plugin_consumer(js, manifest, self.subjects, cfg.streams, history=cfg.plugin(name).history)
         await stack.enter_async_context(
             background(
-                guard_plugin_consumers(js, consumers, self.subjects, cfg.streams, CHECK_EVERY_S), name="consumer-guard"
+                guard_plugin_consumers(js, self._guarded, self.subjects, cfg.streams, CHECK_EVERY_S),
+                name="consumer-guard",
             )
         )
         self._states = await state_bucket(js, self.subjects, cfg.streams.replicas)
@@ -318,6 +318,11 @@ class Agent:
         self._applying.add(task)
         task.add_done_callback(self._applying.discard)
 
+    def _guarded(self) -> list[tuple[Manifest, bool]]:
+        """The local plugins whose consumers the agent keeps as it made them: supervised and run by hand."""
+        running = {**(self.handrun.loaded if self.handrun is not None else {}), **self._plugins}
+        return [(manifest, self.config.plugin(name).history) for name, (_, manifest) in running.items()]
+
     async def _apply_run_plugins(self, fresh: Config) -> None:
         """Start the plugins `run_plugins` gained and stop those it lost, without a restart."""
         async with self._plugins_lock:
@@ -340,8 +345,11 @@ class Agent:
                     del current[name]
             if start:
                 credentials = await self.handrun.add_users({n: m for n, (_, m) in start.items()})
-                for _, manifest in start.values():
-                    await create_plugin_consumer(self.nc.jetstream(), manifest, self.subjects, self.config.streams)
+                for name, (_, manifest) in start.items():
+                    await create_plugin_consumer(
+                        self.nc.jetstream(), manifest, self.subjects, self.config.streams,
+                        history=self.config.plugin(name).history,
+                    )
                 if self.host is None:
                     host = PluginHost(self.config, self.url, {}, report=self._publish_event)
                     self.host = await self._stack.enter_async_context(host)

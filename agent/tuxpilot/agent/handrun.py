@@ -99,7 +99,8 @@ class HandRun:
         user_file = await self._provision(manifest) if mine is None else self._credential_file(manifest)
         self.loaded[name] = (folder, manifest)
         js = self.nc.jetstream()
-        await create_plugin_consumer(js, manifest, self.subjects, self.config.streams)
+        await create_plugin_consumer(js, manifest, self.subjects, self.config.streams,
+                                     history=self.config.plugin(name).history)
         await announce(js, self.subjects, manifest, instance="agent")
         log.info("handrun.loaded", plugin=name, folder=str(folder), version=manifest.version)
         return {"plugin": name, "version": manifest.version, "user_file": str(user_file) if user_file else None}

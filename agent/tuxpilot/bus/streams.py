@@ -6,6 +6,7 @@ Created idempotently by whoever starts first; an existing stream is updated to t
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -188,18 +189,17 @@ async def create_plugin_consumer(
 
 
 async def guard_plugin_consumers(
-    js: Any, manifests: list[tuple[Manifest, bool]], subjects: Subjects, cfg: StreamsConfig, every_s: float
+    js: Any, plugins: Callable[[], list[tuple[Manifest, bool]]], subjects: Subjects, cfg: StreamsConfig, every_s: float
 ) -> None:
-    """Check the local plugins' consumers every `every_s` and restore any that someone changed: the
-    plugins' own users may not (`consumer.restored`). Runs until cancelled."""
-    guarded = [
-        plugin_consumer(js, manifest, subjects, cfg, _no_handler, history=history)
-        for manifest, history in manifests
-        if manifest.subscribes
-    ]
+    """Every `every_s`, check the consumers of the local plugins (`plugins()`: each manifest and its
+    `history` setting, as they are now) and restore any that someone changed: the plugins' own users
+    may not (`consumer.restored`). Runs until cancelled."""
     while True:
         await asyncio.sleep(every_s)
-        for consumer in guarded:
+        for manifest, history in plugins():
+            if not manifest.subscribes:
+                continue
+            consumer = plugin_consumer(js, manifest, subjects, cfg, _no_handler, history=history)
             try:
                 await consumer.ensure()
             except Exception as exc:  # the server is away: next round
