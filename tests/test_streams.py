@@ -53,3 +53,14 @@ def test_every_stream_has_a_per_subject_limit_and_discards_the_oldest() -> None:
     for config in stream_configs(SUBJECTS, StreamsConfig()):
         assert config.max_msgs_per_subject and config.max_msgs_per_subject > 0, config.name
         assert config.max_bytes and config.max_age, config.name
+
+
+async def test_a_bucket_is_read_without_a_consumer_deleted_keys_left_out(nc: Client) -> None:
+    from tuxpilot.bus.streams import bucket_entries
+
+    kv = await nc.jetstream().create_key_value(bucket="entries_test", history=1)
+    for key in ("web-1.a", "web-1.b", "web-2.a"):
+        await kv.put(key, key.encode())
+    await kv.delete("web-1.b")
+    assert await bucket_entries(nc.jetstream(), "entries_test") == {"web-1.a": b"web-1.a", "web-2.a": b"web-2.a"}
+    assert await bucket_entries(nc.jetstream(), "entries_test", "web-1.*") == {"web-1.a": b"web-1.a"}

@@ -11,6 +11,7 @@ from nats.aio.client import Client
 
 from tuxpilot.bus.plugin_state import read_states
 from tuxpilot.bus.registry import instances_of, live_instances, open_bucket
+from tuxpilot.bus.streams import bucket_entries
 from tuxpilot.protocol.errors import TuxPilotError
 from tuxpilot.protocol.names import Names, Subjects
 from tuxpilot.protocol.registry import RegistryEntry
@@ -47,11 +48,10 @@ async def snapshot(nc: Client, subjects: Subjects) -> dict[str, Any]:
             )
     registered: dict[str, Any] = {}
     try:
-        kv = await open_bucket(js, subjects)
-        for key in await kv.keys():
-            entry = await kv.get(key)
+        await open_bucket(js, subjects)
+        for key, value in (await bucket_entries(js, Names.of(subjects).plugins)).items():
             try:
-                registered[key] = RegistryEntry.from_json(entry.value or b"").manifest.version
+                registered[key] = RegistryEntry.from_json(value).manifest.version
             except TuxPilotError:  # shown as registered, of no known version
                 registered[key] = None
     except Exception:  # an empty bucket has no keys and says so by raising

@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import structlog
 from nats.js import JetStreamContext
-from nats.js.errors import BucketNotFoundError, NoKeysError
+from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
+from tuxpilot.bus.streams import bucket_entries
 from tuxpilot.protocol.names import Names, Subjects, registry_key
 from tuxpilot.protocol.plugin_state import MAX_STATE_BYTES, PluginState
 
@@ -39,22 +38,15 @@ async def put_state(kv: KeyValue, state: PluginState) -> None:
 async def read_states(js: JetStreamContext, subjects: Subjects) -> dict[str, PluginState]:
     """Every host's plugin states, by `<host>.<plugin>`; empty when there is no bucket (yet)."""
     try:
-        kv = await js.key_value(Names.of(subjects).plugin_state)
+        await js.key_value(Names.of(subjects).plugin_state)
     except BucketNotFoundError:
         return {}
 
-    async def listing() -> dict[str, PluginState]:
-        found: dict[str, PluginState] = {}
+    found: dict[str, PluginState] = {}
+    # Read by message gets, not a consumer: the operator's user may not create consumers.
+    for key, value in (await bucket_entries(js, Names.of(subjects).plugin_state, limit_s=LIST_TIMEOUT_S)).items():
         try:
-            keys = await kv.keys()
-        except NoKeysError:
-            return found
-        for key in keys:
-            entry = await kv.get(key)
-            try:
-                found[key] = PluginState.model_validate_json(entry.value or b"")
-            except ValidationError as exc:
-                log.warning("plugin_state.unreadable", key=key, error=str(exc.errors()[0]["msg"]))
-        return found
-
-    return await asyncio.wait_for(listing(), LIST_TIMEOUT_S)
+            found[key] = PluginState.model_validate_json(value)
+        except ValidationError as exc:
+            log.warning("plugin_state.unreadable", key=key, error=str(exc.errors()[0]["msg"]))
+    return found

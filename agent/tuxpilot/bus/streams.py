@@ -153,6 +153,31 @@ async def bounded_bucket(
     return await js.key_value(name)
 
 
+async def bucket_entries(
+    js: JetStreamContext, bucket: str, keys: str = ">", *, limit_s: float = 5.0
+) -> dict[str, bytes]:
+    """Every live key of `bucket` matching `keys`, with its value, read by message gets: no consumer (which
+    readers may not create), and within `limit_s` (TimeoutError), however many keys there are."""
+    stream, prefix = KV_STREAM_TEMPLATE.format(bucket=bucket), f"$KV.{bucket}."
+
+    async def read() -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        seq = 1
+        while True:
+            try:
+                msg = await js.get_msg(stream, seq=seq, subject=prefix + keys, next=True)
+            except NotFoundError:
+                return found
+            key = (msg.subject or "").removeprefix(prefix)
+            if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+                found.pop(key, None)
+            else:
+                found[key] = msg.data or b""
+            seq = (msg.seq or seq) + 1
+
+    return await asyncio.wait_for(read(), limit_s)
+
+
 def plugin_consumer(
     js: Any, manifest: Manifest, subjects: Subjects, cfg: StreamsConfig, handler: Handler, *, history: bool = False
 ) -> Durable:
