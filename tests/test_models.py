@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 from tuxpilot.protocol import schemas
 from tuxpilot.protocol.manifest import Manifest
-from tuxpilot.protocol.models import ErrorDoc, Event, Metrics, Proposal, Result
+from tuxpilot.protocol.models import GATE_STATUSES, ErrorDoc, Event, Metrics, Proposal, Reason, Result, Source, Status
 
 MODELS: dict[str, type[BaseModel]] = {
     "event": Event,
@@ -206,7 +206,7 @@ results = st.builds(
     Result,
     id=st.none() | ident,
     status=st.sampled_from(["ok", "error", "refused", "suppressed", "dry_run", "timeout", "unavailable", "expired"]),
-    reason=st.none() | st.from_regex(r"[a-z0-9_]{1,20}", fullmatch=True),
+    reason=st.none() | st.sampled_from(list(Reason)),
     message=st.none() | st.text(max_size=200),
     data=json_value,
     host=st.none() | token,
@@ -233,3 +233,30 @@ def test_generated_proposals_are_schema_valid(proposal: Proposal) -> None:
 @given(results)
 def test_generated_results_are_schema_valid(result: Result) -> None:
     assert schemas.validator("result").errors(result.to_doc()) == []
+
+
+def test_status_and_reason_enums_are_what_the_result_schema_lists() -> None:
+    doc = schemas.load("result")
+    assert [s.value for s in Status] == doc["$defs"]["status"]["enum"]
+    assert [r.value for r in Reason] == doc["$defs"]["reason"]["enum"]
+    assert sorted(GATE_STATUSES) == sorted(doc["allOf"][0]["if"]["properties"]["status"]["enum"])
+    assert [s.value for s in Source] == doc["properties"]["source"]["enum"]
+
+
+@pytest.mark.parametrize(
+    ("doc", "valid"),
+    [
+        ({"status": "refused", "reason": "impersonation"}, True),
+        ({"status": "refused", "reason": "made_up"}, False),  # the gate's reasons are a closed list
+        ({"status": "error", "reason": "registry_error"}, True),  # a plugin's own error code
+        ({"status": "ok"}, True),
+    ],
+)
+def test_model_and_schema_agree_on_reasons(doc: dict[str, Any], valid: bool) -> None:
+    assert schemas.validator("result").is_valid(doc) is valid
+    try:
+        Result.model_validate(doc)
+        modelled = True
+    except ValidationError:
+        modelled = False
+    assert modelled is valid

@@ -7,18 +7,73 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from enum import StrEnum
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 Token = Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,64}$")]
 Id = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
 EventType = Annotated[str, Field(pattern=r"^[a-z0-9_-]{1,64}\.[a-z0-9_-]{1,64}$")]
 Severity = Literal["info", "warning", "critical"]
-Status = Literal[
-    "ok", "error", "refused", "suppressed", "dry_run", "timeout", "unavailable", "expired", "duplicate", "dead_letter"
-]
-Reason = Annotated[str, Field(pattern=r"^[a-z0-9_]{1,64}$")]
+
+
+class Status(StrEnum):
+    """What became of an action; result.json lists the same values."""
+
+    ok = "ok"
+    error = "error"  # the plugin ran it and failed; `reason` is the plugin's error code
+    refused = "refused"
+    suppressed = "suppressed"
+    dry_run = "dry_run"
+    timeout = "timeout"
+    unavailable = "unavailable"
+    expired = "expired"
+    duplicate = "duplicate"
+    dead_letter = "dead_letter"
+
+
+class Reason(StrEnum):
+    """Why TuxPilot itself stopped or failed an action (every status but `ok`, and `error` when the gate,
+    not the plugin, failed); result.json lists the same values. A plugin's own error codes are not here."""
+
+    # the proposal as a whole
+    bad_request = "bad_request"
+    invalid_params = "invalid_params"
+    payload_too_large = "payload_too_large"
+    impersonation = "impersonation"
+    rate_limited = "rate_limited"
+    no_caller = "no_caller"
+    # owner, params, event
+    foreign_action = "foreign_action"
+    unknown_plugin = "unknown_plugin"
+    unknown_action = "unknown_action"
+    event_expired = "event_expired"
+    # authorisation and policy
+    permission_not_granted = "permission_not_granted"
+    already_claimed = "already_claimed"
+    cooldown = "cooldown"
+    dry_run_mode = "dry_run_mode"
+    # execution
+    no_responders = "no_responders"
+    timeout = "timeout"
+    bad_reply = "bad_reply"
+    internal = "internal"
+    unrecordable = "unrecordable"
+    conflict = "conflict"
+    max_deliveries = "max_deliveries"
+
+
+class Source(StrEnum):
+    """Who asked for an action: a plugin's proposal, or a call on the public action endpoint."""
+
+    proposal = "proposal"
+    operator = "operator"
+
+
+# Statuses whose reason is always one of `Reason` (an `error` may carry a plugin's own code instead).
+GATE_STATUSES = frozenset(Status) - {Status.ok, Status.error}
+ReasonText = Annotated[str, Field(pattern=r"^[a-z0-9_]{1,64}$")]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
@@ -95,7 +150,7 @@ class Proposal(Doc):
 
 
 class ErrorDoc(Doc):
-    code: Reason
+    code: ReasonText
     message: Annotated[str, Field(max_length=4096)]
     details: dict[str, Any] | None = None
 
@@ -110,7 +165,7 @@ class Artifact(Doc):
 class Result(Doc):
     id: Id | None = None
     status: Status
-    reason: Reason | None = None
+    reason: ReasonText | None = None
     message: Annotated[str, Field(max_length=4096)] | None = None
     data: Any = None
     artifacts: list[Artifact] | None = None
@@ -119,11 +174,22 @@ class Result(Doc):
     plugin: Token | None = None
     action: Token | None = None
     params: dict[str, Any] | None = None
+    params_bytes: Annotated[int, Field(ge=0)] | None = None
+    params_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
     event_id: Annotated[str, Field(max_length=128)] | None = None
     proposal_id: Annotated[str, Field(max_length=128)] | None = None
     proposed_by: Annotated[str, Field(max_length=64)] | None = None
+    source: Source | None = None
+    caller: Annotated[str, Field(max_length=256)] | None = None
+    late: bool | None = None
     time: AwareDatetime | None = None
     duration_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+
+    @model_validator(mode="after")
+    def _reason_of_status(self) -> Self:
+        if self.reason is not None and self.status in GATE_STATUSES and self.reason not in Reason.__members__:
+            raise ValueError(f"reason {self.reason!r} is not one of TuxPilot's reasons for status {self.status}")
+        return self
 
 
 Percent = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
