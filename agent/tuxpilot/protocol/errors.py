@@ -21,6 +21,18 @@ STATUS_CODES: dict[str, int] = {
     # A sandboxed plugin's guest: hit its memory or fuel cap, or trapped / answered garbage.
     "resource_exhausted": 507,
     "plugin_fault": 502,
+    # the gate's reasons, as an operator's call is answered
+    "impersonation": 403,
+    "foreign_action": 403,
+    "permission_not_granted": 403,
+    "no_caller": 400,
+    "already_claimed": 409,
+    "event_expired": 410,
+    "cooldown": 429,
+    "rate_limited": 429,
+    "bad_reply": 502,
+    "no_responders": 503,
+    "unrecordable": 500,
 }
 
 
@@ -67,12 +79,20 @@ class Forbidden(TuxPilotError):
     code = "forbidden"
 
 
+class Conflict(TuxPilotError):
+    code = "conflict"
+
+
 class Unavailable(TuxPilotError):
     code = "unavailable"
 
 
 class ConfigError(TuxPilotError):
     code = "invalid_config"
+
+
+class InvalidSchema(ConfigError):
+    """A JSON Schema that cannot be compiled: malformed, or a `$ref` that leaves the document."""
 
 
 def error_doc(exc: BaseException) -> dict[str, Any]:

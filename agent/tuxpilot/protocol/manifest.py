@@ -126,6 +126,12 @@ class Manifest(Spec):
                     f"{source}: action {action!r} needs {spec.permission.value!r}, "
                     "which the manifest's permissions do not list"
                 )
+            # Compiled now, so a schema that cannot be used (a `$ref` leaving the document) refuses the
+            # manifest at load instead of the first call.
+            try:
+                manifest.params_validator(action)
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: action {action!r}: {exc.message}") from None
         return manifest
 
     def to_doc(self) -> dict[str, Any]:

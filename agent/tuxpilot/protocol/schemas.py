@@ -9,7 +9,7 @@ from typing import Any
 
 import jsonschema_rs
 
-from tuxpilot.protocol.errors import BadRequest, InvalidParams, PayloadTooLarge
+from tuxpilot.protocol.errors import BadRequest, InvalidParams, InvalidSchema, PayloadTooLarge
 from tuxpilot.protocol.resources import shipped
 
 SCHEMA_NAMES = ("event", "proposal", "result", "error", "manifest", "metrics", "registry")
@@ -34,6 +34,16 @@ def parse(raw: bytes, *, what: str, limit: int) -> Any:
     except (ValueError, RecursionError) as exc:
         raise BadRequest(f"{what} is not valid JSON: {str(exc)[:200]}") from None
     _check_shape(doc, what)
+    return doc
+
+
+def parse_params(raw: bytes, limit: int) -> dict[str, Any]:
+    """A request body as action params: empty means no params; anything else must be a JSON object."""
+    if not raw.strip():
+        return {}
+    doc = parse(raw, what="params", limit=limit)
+    if not isinstance(doc, dict):
+        raise BadRequest(f"params must be a JSON object, not {type(doc).__name__}")
     return doc
 
 
@@ -73,18 +83,36 @@ def load(name: str) -> dict[str, Any]:
     return doc
 
 
+def _no_retrieval(uri: str) -> Any:
+    """The retriever of every validator: a `$ref` outside the document and the shipped schemas is refused.
+
+    Left to itself the validator reads `file://` and fetches `http://` references while compiling: a
+    plugin's params schema pointing at the agent's credential file would copy it into the audit, and one
+    pointing at a listener that never answers would stall the agent's event loop.
+    """
+    raise ValueError(f"$ref {uri[:200]!r} leaves the document; TuxPilot resolves no file or network reference")
+
+
 @functools.cache
 def _registry() -> jsonschema_rs.Registry:
     # Schemas refer to each other by relative $ref ("error.json"); resolve them offline.
-    return jsonschema_rs.Registry([(load(n)["$id"], load(n)) for n in SCHEMA_NAMES])
+    return jsonschema_rs.Registry([(load(n)["$id"], load(n)) for n in SCHEMA_NAMES], retriever=_no_retrieval)
 
 
 class Validator:
-    """A compiled schema; `check` raises InvalidParams naming every problem (up to ten)."""
+    """A compiled schema; `check` raises InvalidParams naming every problem (up to ten).
+
+    Compiling never reads a file or the network (see `_no_retrieval`): a schema whose `$ref` leaves
+    the document is refused with InvalidSchema.
+    """
 
     def __init__(self, schema: dict[str, Any], *, what: str = "document"):
         self.what = what
-        self._validator = jsonschema_rs.validator_for(schema, registry=_registry())
+        try:
+            self._validator = jsonschema_rs.validator_for(schema, registry=_registry(), retriever=_no_retrieval)
+        except (ValueError, jsonschema_rs.ValidationError) as exc:
+            # The message names the reference, never what it points at: nothing was read.
+            raise InvalidSchema(f"schema of {what} cannot be used: {str(exc).splitlines()[0][:300]}") from None
 
     def is_valid(self, doc: Any) -> bool:
         try:
