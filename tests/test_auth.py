@@ -127,15 +127,16 @@ async def test_plugin_cannot_forge_events_call_other_plugins_or_listen_to_everyt
         calls.append(msg.subject)
         await msg.respond(b'{"status":"ok"}')
 
-    await demo.subscribe("tuxpilot.act.test-host.demo.echo", queue="demo", cb=endpoint)
+    await demo.subscribe("tuxpilot.exec.test-host.demo.echo", queue="demo", cb=endpoint)
     await demo.flush()
 
     errors: list[str] = []
     sysmon = await secured.connect("sysmon", errors)
     forged = Event.new("disk.low", HOST, source="sysmon")  # sysmon declares no `emits`
     await sysmon.publish("tuxpilot.evt.test-host.disk.low", forged.to_json())
-    with pytest.raises((NatsTimeout, NoRespondersError)):  # denied: no reply ever comes
-        await sysmon.request("tuxpilot.act.test-host.demo.echo", b"{}", timeout=1)
+    for subject in ("tuxpilot.exec.test-host.demo.echo", "tuxpilot.act.test-host.demo.echo"):
+        with pytest.raises((NatsTimeout, NoRespondersError)):  # denied: no reply ever comes
+            await sysmon.request(subject, b"{}", timeout=1)
     await sysmon.subscribe("tuxpilot.>")
     await sysmon.flush()
     await asyncio.sleep(0.3)
@@ -144,31 +145,44 @@ async def test_plugin_cannot_forge_events_call_other_plugins_or_listen_to_everyt
     assert calls == [], "sysmon reached demo's action"
     violations = " ".join(errors)
     assert 'publish to "tuxpilot.evt.test-host.disk.low"' in violations
+    assert 'publish to "tuxpilot.exec.test-host.demo.echo"' in violations
     assert 'publish to "tuxpilot.act.test-host.demo.echo"' in violations
     assert 'subscription to "tuxpilot.>"' in violations
     for nc in (operator, demo, sysmon):
         await nc.close()
 
 
-async def test_operator_may_request_but_a_plugin_may_not_call_another_hosts_actions(secured: Secured) -> None:
+async def test_only_the_agent_reaches_a_plugins_execution_endpoint(secured: Secured) -> None:
+    """The private `exec` subject: the operator and other plugins get a permissions violation, the agent a reply."""
     demo = await secured.connect("demo")
+    calls: list[str] = []
 
     async def endpoint(msg: Any) -> None:
+        calls.append(msg.subject)
         await msg.respond(b'{"status":"ok","data":"pong"}')
 
-    await demo.subscribe("tuxpilot.act.test-host.demo.echo", queue="demo", cb=endpoint)
+    await demo.subscribe("tuxpilot.exec.test-host.demo.echo", queue="demo", cb=endpoint)
     await demo.flush()
-    operator = await secured.connect("operator")
-    reply = await operator.request("tuxpilot.act.test-host.demo.echo", b"{}", timeout=2)
+    for role in ("operator", "sysmon"):
+        errors: list[str] = []
+        intruder = await secured.connect(role, errors)
+        with pytest.raises((NatsTimeout, NoRespondersError)):
+            await intruder.request("tuxpilot.exec.test-host.demo.echo", b"{}", timeout=1)
+        await asyncio.sleep(0.2)
+        assert any('publish to "tuxpilot.exec.test-host.demo.echo"' in e for e in errors), (role, errors)
+        await intruder.close()
+    assert calls == []
+    agent = await secured.connect("agent")
+    reply = await agent.request("tuxpilot.exec.test-host.demo.echo", b"{}", timeout=2)
     assert json.loads(reply.data)["data"] == "pong"
 
-    errors: list[str] = []
+    errors = []
     plugin = await secured.connect("demo", errors)
     with pytest.raises((NatsTimeout, NoRespondersError)):
         await plugin.request("tuxpilot.act.web-2.sysmon.top_processes", b"{}", timeout=1)
     await asyncio.sleep(0.2)
     assert any('publish to "tuxpilot.act.web-2.sysmon.top_processes"' in e for e in errors)
-    for nc in (demo, operator, plugin):
+    for nc in (demo, agent, plugin):
         await nc.close()
 
 
@@ -192,7 +206,7 @@ async def test_a_plugin_runs_on_its_own_credentials_through_the_pipeline(secured
     await open_bucket(js, subjects)
     sysmon_manifest = load_manifest(builtin_dir() / "sysmon")
     await create_plugin_consumer(js, sysmon_manifest, subjects, config.streams)
-    registry = Registry(agent_nc, subjects)
+    registry = Registry(agent_nc, subjects, {"sysmon": sysmon_manifest})
     await registry.start()
     gate = Gate(agent_nc, config, registry)
     await gate.start()
@@ -225,7 +239,7 @@ async def rig_with_file(nc: Client, config: Config, tmp_path: Path) -> AsyncIter
     config.gate.cooldown_s = 0
     plugin, _ = demo_plugin()
     await plugin.start(nc, config)
-    registry = Registry(nc, Subjects.of(config))
+    registry = Registry(nc, Subjects.of(config), {"demo": plugin.manifest})
     await registry.start()
     gate = Gate(nc, config, registry)
     await gate.start()
@@ -275,8 +289,9 @@ def test_auth_show_lists_each_users_subjects(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     users = {u["role"] + ":" + u["user"]: u for u in json.loads(done.stdout)}
     sysmon = users["plugin:tuxpilot-web-1-plugin-sysmon"]
-    assert "tuxpilot.proposal.web-1" in sysmon["publish"]
-    assert "tuxpilot.act.web-1.sysmon.>" in sysmon["subscribe"]
+    assert "tuxpilot.proposal.web-1.sysmon" in sysmon["publish"]
+    assert "tuxpilot.exec.web-1.sysmon.>" in sysmon["subscribe"]
+    assert not any(s.startswith("$KV.") for s in sysmon["publish"])  # the registry is the agent's to write
     assert not any(s.startswith("tuxpilot.evt.web-1.") for s in sysmon["publish"])  # emits nothing
     exported = subprocess.run(
         [tuxpilot_exe(), "auth", "export", "-o", str(tmp_path / "auth.conf")],

@@ -102,13 +102,13 @@ async def shell(nc: Client, config: Config) -> AsyncIterator[Plugin]:
 async def test_through_a_real_action_over_nats(shell: Plugin, nc: Client, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     args = [a.format(x=marker) for a in METACHARACTERS]
-    reply = await nc.request("tuxpilot.act.test-host.shell.echo", json.dumps({"args": args}).encode(), timeout=10)
+    reply = await nc.request("tuxpilot.exec.test-host.shell.echo", json.dumps({"args": args}).encode(), timeout=10)
     doc = json.loads(reply.data)
     assert doc["status"] == "ok", doc
     assert doc["data"]["stdout"] == " ".join(args) + "\n"
     assert not marker.exists()
 
-    refused = await nc.request("tuxpilot.act.test-host.shell.peek", b"{}", timeout=10)
+    refused = await nc.request("tuxpilot.exec.test-host.shell.peek", b"{}", timeout=10)
     error = json.loads(refused.data)
     assert error["code"] == "forbidden"
     assert "system_access" in error["message"]

@@ -348,7 +348,7 @@ async def test_a_plugin_past_its_memory_limit_crash_loops_and_the_loop_is_report
         recovered = next(e for e in events if e["type"] == "plugin.recovered")
         assert recovered["resource"] == "hog" and recovered["severity"] == "info"
         assert int((workdir / "starts").read_text()) == 4
-        reply = await nc.request(f"tuxpilot.act.{HOST}.hog.ping", b"{}", timeout=5)
+        reply = await nc.request(f"tuxpilot.exec.{HOST}.hog.ping", b"{}", timeout=5)
         assert json.loads(reply.data)["data"] == {"pong": "hog"}
         assert [e["type"] for e in events].count("plugin.crash_loop") == 1
     finally:

@@ -32,7 +32,7 @@ from tests.conftest import need
 
 FOLDER = Path(__file__).resolve().parent.parent / "plugins" / "docker"
 IMAGE = "tuxpilot-test-busybox:latest"
-ACT = "tuxpilot.act.test-host.docker"
+ACT = "tuxpilot.exec.test-host.docker"
 MiB = 1024 * 1024
 
 pytestmark = pytest.mark.docker
@@ -201,7 +201,7 @@ async def test_disk_low_ends_in_a_dry_run_prune_until_granted(
 ) -> None:
     config.gate.cooldown_s = 0
     config.gate.cooldowns = {"docker.prune": 0}
-    registry = Registry(nc, Subjects.of(config))
+    registry = Registry(nc, Subjects.of(config), {"docker": docker_plugin.manifest})
     await registry.start()
     gate = Gate(nc, config, registry)
     await gate.start()

@@ -24,6 +24,7 @@ from tuxpilot.agent.registry import Registry
 from tuxpilot.bus import connect as bus
 from tuxpilot.bus.server import NatsServer
 from tuxpilot.protocol.manifest import Manifest
+from tuxpilot.protocol.manifest import load as load_manifest
 from tuxpilot.protocol.models import Event, ProposedAction
 from tuxpilot.protocol.names import Subjects
 from tuxpilot.sdk.plugin import Context, Plugin
@@ -91,8 +92,8 @@ def fast_reconnect(config: Config) -> Config:
     return config
 
 
-async def start_gate(nc: Client, config: Config) -> tuple[Registry, Gate]:
-    registry = Registry(nc, Subjects.of(config))
+async def start_gate(nc: Client, config: Config, *manifests: Manifest) -> tuple[Registry, Gate]:
+    registry = Registry(nc, Subjects.of(config), {m.name: m for m in manifests})
     await registry.start()
     gate = Gate(nc, config, registry)
     await gate.start()
@@ -108,7 +109,7 @@ async def test_server_killed_mid_stream_loses_no_event_and_runs_no_action_twice(
     producer = await bus.connect(config.nats, nats_server.url, name="producer")
     plugin, ran = counting_plugin()
     await plugin.start(plugin_nc, config)
-    registry, gate = await start_gate(agent_nc, config)
+    registry, gate = await start_gate(agent_nc, config, plugin.manifest)
     retries = 0
     try:
         for seq in range(total):
@@ -142,7 +143,7 @@ async def test_slow_plugin_does_not_stall_the_gate_or_other_plugins(nc: Client, 
     fast, fast_ran = counting_plugin("fast")
     await slow.start(nc, config)
     await fast.start(nc, config)
-    registry, gate = await start_gate(nc, config)
+    registry, gate = await start_gate(nc, config, slow.manifest, fast.manifest)
     try:
         for seq in range(100):
             await bus.publish_event(nc, subjects, Event.new("slow.tick", "test-host", value=seq))
@@ -162,7 +163,17 @@ async def test_slow_plugin_does_not_stall_the_gate_or_other_plugins(nc: Client, 
         await fast.stop()
 
 
-def agent_process(config: Config, state: Path) -> subprocess.Popen[bytes]:
+def installed(folder: Path, *manifests: Manifest) -> Path:
+    """Plugin folders holding these manifests: the agent decides only from manifests it loads from disk."""
+    import tomlkit
+
+    for manifest in manifests:
+        (folder / manifest.name).mkdir(parents=True, exist_ok=True)
+        (folder / manifest.name / "plugin.toml").write_text(tomlkit.dumps(manifest.to_doc()))
+    return folder
+
+
+def agent_process(config: Config, state: Path, plugin_dirs: Path | None = None) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "TUXPILOT_NATS_URL": config.nats.url or "",
@@ -173,6 +184,7 @@ def agent_process(config: Config, state: Path) -> subprocess.Popen[bytes]:
         "TUXPILOT_GATE_COOLDOWN_S": "0",
         "TUXPILOT_GATE_COOLDOWNS": json.dumps({"counter.count": 0, "held.count": 3600}),
         "TUXPILOT_LOG_LEVEL": "warning",
+        "TUXPILOT_PLUGIN_DIRS": json.dumps([str(plugin_dirs)] if plugin_dirs else []),
     }
     return subprocess.Popen([sys.executable, "-m", "tuxpilot.cli", "agent"], env=env, stdin=subprocess.DEVNULL)
 
@@ -189,8 +201,9 @@ async def test_agent_killed_with_proposals_in_flight_runs_nothing_twice_and_keep
     nc: Client, fast_reconnect: Config, plugin_counter: tuple[Plugin, Counter[int]], tmp_path: Path
 ) -> None:
     config, subjects = fast_reconnect, Subjects.of(fast_reconnect)
-    _, ran = plugin_counter
+    counter, ran = plugin_counter
     held, held_ran = counting_plugin("held")
+    plugin_dirs = installed(tmp_path / "plugins", counter.manifest, held.manifest)
     await held.start(nc, config)
     results: list[dict[str, Any]] = []
 
@@ -198,7 +211,7 @@ async def test_agent_killed_with_proposals_in_flight_runs_nothing_twice_and_keep
         results.append(json.loads(msg.data))
 
     await nc.subscribe("tuxpilot.result.test-host.>", cb=on_result)
-    first = agent_process(config, tmp_path / "a1")
+    first = agent_process(config, tmp_path / "a1", plugin_dirs)
     try:
         await bus.publish_event(nc, subjects, Event.new("held.tick", "test-host", value=1))
         await until(lambda: len(held_ran) == 1, 30, "the held action's first run")
@@ -209,7 +222,7 @@ async def test_agent_killed_with_proposals_in_flight_runs_nothing_twice_and_keep
         first.send_signal(signal.SIGKILL)
         first.wait(10)
         executed_before_crash = len(ran)
-        second = agent_process(config, tmp_path / "a2")
+        second = agent_process(config, tmp_path / "a2", plugin_dirs)
         try:
             await until(
                 lambda: len({r["event_id"] for r in results if r.get("plugin") == "counter"}) >= total,
@@ -271,7 +284,7 @@ async def test_plugin_replica_killed_mid_event_hands_it_to_the_other_replica(
     marks = tmp_path / "marks"
     marks.mkdir()
     replicas = [replica(config, marks) for _ in range(2)]
-    registry, gate = await start_gate(nc, config)
+    registry, gate = await start_gate(nc, config, load_manifest(SLOWPOKE))
     try:
         async def both_live() -> bool:
             return len([i for i in await live_instances(nc, "test-host", wait=0.1) if i["name"] == "slowpoke"]) == 2

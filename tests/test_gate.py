@@ -95,13 +95,19 @@ class Rig:
         assert len(results) == 1
         return results[0]
 
+    async def one_from(self, raw: bytes, proposer: str) -> Result:
+        """As if it came on `proposer`'s proposal subject."""
+        results = await self.gate.handle(raw, proposer)
+        assert len(results) == 1
+        return results[0]
+
 
 @pytest.fixture
 async def rig(nc: Client, config: Config) -> AsyncIterator[Rig]:
     config.gate.cooldown_s = 0
     plugin, calls = demo_plugin()
     await plugin.start(nc, config)
-    registry = Registry(nc, plugin.running.subjects)
+    registry = Registry(nc, plugin.running.subjects, {"demo": plugin.manifest})
     await registry.start()
     gate = Gate(nc, config, registry)
     await gate.start()
@@ -163,7 +169,7 @@ async def test_permitted_action_executes_and_result_is_published(rig: Rig) -> No
 
 async def test_proposal_through_the_bus_reaches_the_result_subject(rig: Rig) -> None:
     sub = await rig.nc.subscribe("tuxpilot.result.test-host.>")
-    await rig.nc.publish("tuxpilot.proposal.test-host", proposal("echo", {"word": "bus"}))
+    await rig.nc.publish("tuxpilot.proposal.test-host.demo", proposal("echo", {"word": "bus"}))
     published = json.loads((await sub.next_msg(timeout=3)).data)
     assert published["status"] == "ok" and published["data"]["word"] == "bus"
 
@@ -259,7 +265,7 @@ async def test_stopped_plugin_gives_unavailable(rig: Rig) -> None:
 
 async def test_garbage_on_the_proposal_subject_is_refused_and_recorded(rig: Rig) -> None:
     sub = await rig.nc.subscribe("tuxpilot.result.test-host.gate.proposal")
-    await rig.nc.publish("tuxpilot.proposal.test-host", b"\x00garbage")
+    await rig.nc.publish("tuxpilot.proposal.test-host.demo", b"\x00garbage")
     record = json.loads((await sub.next_msg(timeout=2)).data)
     assert record["status"] == "refused" and record["reason"] == "bad_request"
     # and the gate still serves good traffic
@@ -275,9 +281,49 @@ async def test_a_reply_too_large_for_the_server_becomes_an_error_reply(nc: Clien
 
     await plugin.start(nc, config)
     try:
-        reply = await nc.request("tuxpilot.act.test-host.big.dump", b"", timeout=5)
+        reply = await nc.request("tuxpilot.exec.test-host.big.dump", b"", timeout=5)
         assert json.loads(reply.data)["code"] == "payload_too_large"
         assert reply.headers is not None
         assert reply.headers["Nats-Service-Error-Code"] == "413"
     finally:
         await plugin.stop()
+
+
+async def test_a_replayed_action_id_answers_the_same_action_only(rig: Rig) -> None:
+    """The SDK's replay cache is keyed by action and id: an id reused for another action is refused."""
+    headers = {"Tuxpilot-Action-Id": "reused-id-1"}
+    first = await rig.nc.request("tuxpilot.exec.test-host.demo.echo", b'{"word": "one"}', timeout=2, headers=headers)
+    assert json.loads(first.data)["data"]["word"] == "one"
+    again = await rig.nc.request("tuxpilot.exec.test-host.demo.echo", b'{"word": "two"}', timeout=2, headers=headers)
+    assert json.loads(again.data) == json.loads(first.data)  # replayed, not run again
+    other = await rig.nc.request("tuxpilot.exec.test-host.demo.reboot", b"{}", timeout=2, headers=headers)
+    assert other.headers is not None and other.headers["Nats-Service-Error-Code"] == "409"
+    assert json.loads(other.data)["code"] == "conflict"
+    assert rig.calls == ["echo"]
+
+
+async def test_a_body_naming_another_plugin_is_impersonation_recorded_under_the_real_proposer(rig: Rig) -> None:
+    result = await rig.one_from(proposal("echo", plugin="sysmon", owner="demo"), proposer="demo")
+    assert (result.status, result.reason, result.proposed_by) == ("refused", "impersonation", "demo")
+    assert rig.calls == []
+
+
+async def test_large_params_are_recorded_as_their_size_and_hash(rig: Rig) -> None:
+    result = await rig.one(proposal("echo", {"word": "x" * 10_000}))  # too long for the schema: refused
+    assert result.status == "refused" and result.params is None
+    assert result.params_bytes is not None and result.params_bytes > 10_000
+    assert result.params_sha256 is not None and len(result.params_sha256) == 64
+    assert len(result.to_json()) < 4096
+
+
+def test_rate_windows_admit_the_limit_and_summarise_the_rest_once() -> None:
+    from tuxpilot.agent.rates import ProposalRates
+
+    rates = ProposalRates()
+    admitted = [rates.admit("p", f"id{i}", at=100.0 + i * 0.001, limit=10, window_s=5) for i in range(1000)]
+    assert admitted.count(True) == 10
+    assert rates.admit("other", "x", at=100.5, limit=10, window_s=5)  # another plugin is not held back
+    assert rates.due(at=104.0) == []  # the window is not over
+    [summary] = rates.due(at=106.0)
+    assert (summary.plugin, summary.dropped, summary.first_dropped, summary.last_dropped) == ("p", 990, "id10", "id999")
+    assert rates.due(at=200.0) == [] and rates.admit("p", "new", at=200.0, limit=10, window_s=5)

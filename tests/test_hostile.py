@@ -48,9 +48,9 @@ from tuxpilot.sdk.plugin import MAX_PARAMS_BYTES, Context, Plugin
 from tests.test_gate import DEMO, demo_plugin, proposal
 
 HOST = "test-host"
-ECHO = f"tuxpilot.act.{HOST}.demo.echo"
-NOTE = f"tuxpilot.act.{HOST}.ticker.note"
-PROPOSALS = f"tuxpilot.proposal.{HOST}"
+ECHO = f"tuxpilot.exec.{HOST}.demo.echo"
+NOTE = f"tuxpilot.exec.{HOST}.ticker.note"
+PROPOSALS = f"tuxpilot.proposal.{HOST}.demo"  # the stranger holds demo's publish rights
 RESULTS = f"tuxpilot.result.{HOST}.>"
 TICK = f"tuxpilot.evt.{HOST}.demo.tick"
 CODE_HEADER = "Nats-Service-Error-Code"
@@ -237,13 +237,14 @@ class Rig:
 @contextlib.asynccontextmanager
 async def running(nc: Client, config: Config) -> AsyncIterator[Rig]:
     config.gate.cooldown_s = 0
+    config.gate.proposal_rate = 0  # floods on purpose; the rate limit has its own tests
     demo, calls = demo_plugin()
     ticker = ticker_plugin()
     records = Records()
     await records.start(nc)
     await demo.start(nc, config)
     await ticker.plugin.start(nc, config)
-    registry = Registry(nc, demo.running.subjects)
+    registry = Registry(nc, demo.running.subjects, {"demo": demo.manifest, "ticker": ticker.plugin.manifest})
     await registry.start()
     gate = Gate(nc, config, registry)
     await gate.start()
@@ -468,13 +469,18 @@ PROPOSAL_GARBAGE: list[Any] = [
     pytest.param(raw_prop(b'{"plugin": "demo", "action": "echo", "params": {' + SURROGATE + b": 1}}"),
                  [({GATE, "demo.echo"}, "refused", CLIENT_FAULT)], id="surrogate-param-key"),
     # readable proposals the gate must refuse, each on the action's own result subject
-    pytest.param(proposal("echo", plugin="ghost", owner="ghost"), [("ghost.echo", "refused", "unknown_plugin")],
-                 id="unknown-plugin"),
+    # on demo's subject, a body naming another plugin is impersonation, whatever it asks
+    pytest.param(proposal("echo", plugin="ghost", owner="ghost"), [("ghost.echo", "refused", "impersonation")],
+                 id="impersonating-an-unknown-plugin"),
     pytest.param(proposal("nope"), [("demo.nope", "refused", "unknown_action")], id="unknown-action"),
-    pytest.param(proposal("echo", plugin="ticker", owner="demo"), [("demo.echo", "refused", "foreign_action")],
+    pytest.param(proposal("echo", plugin="ticker", owner="demo"), [("demo.echo", "refused", "impersonation")],
+                 id="impersonating-ticker"),
+    pytest.param(proposal("note", {"text": "x"}, plugin="ticker", owner="ticker"),
+                 [("ticker.note", "refused", "impersonation")], id="impersonating-ticker-for-its-action"),
+    pytest.param(proposal("note", {"text": "x"}, owner="ticker"), [("ticker.note", "refused", "foreign_action")],
                  id="foreign-action"),
-    pytest.param(proposal("echo", plugin="ghost", owner="demo"), [("demo.echo", "refused", "foreign_action")],
-                 id="foreign-action-by-unknown-plugin"),
+    pytest.param(proposal("echo", plugin="ghost", owner="demo"), [("demo.echo", "refused", "impersonation")],
+                 id="impersonating-by-unknown-plugin"),
     pytest.param(proposal("reboot"), [("demo.reboot", "refused", "permission_not_granted")],
                  id="permission-not-granted"),
     pytest.param(proposal("echo", {"word": 5}), [("demo.echo", "refused", "invalid_params")], id="invalid-params"),

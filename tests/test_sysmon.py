@@ -27,7 +27,7 @@ from tuxpilot.protocol.models import Event
 from tuxpilot.sdk.plugin import Plugin, load_plugin, with_defaults
 
 FOLDER = Path(__file__).resolve().parent.parent / "plugins" / "sysmon"
-SUBJECT = "tuxpilot.act.test-host.sysmon"
+SUBJECT = "tuxpilot.exec.test-host.sysmon"
 PROCESS_KEYS = {"pid", "ppid", "name", "username", "cmdline", "cpu_percent", "memory_percent", "rss_bytes"}
 TREE_KEYS = {"pid", "name", "username", "cpu_percent", "memory_percent", "children"}
 FIGURES = {"cpu_percent", "memory_percent", "disk_read_bps", "disk_write_bps", "net_sent_bps", "net_recv_bps"}
@@ -240,7 +240,7 @@ async def test_bad_params_get_an_error_document(nc: Client, sysmon: Plugin, body
 async def test_high_usage_proposes_top_processes(
     nc: Client, sysmon: Plugin, event_type: str, by: str, words: str
 ) -> None:
-    proposals = await nc.subscribe("tuxpilot.proposal.test-host")
+    proposals = await nc.subscribe("tuxpilot.proposal.test-host.*")
     event = Event.new(event_type, "test-host", value=95 if by == "memory" else 97.5)
     await nc.publish(f"tuxpilot.evt.test-host.{event_type}", event.to_json())
     proposal = json.loads((await proposals.next_msg(timeout=10)).data)
@@ -283,7 +283,7 @@ async def test_runs_as_a_script(nc: Client, nats_server: NatsServer, tmp_path: P
         for _ in range(150):
             try:
                 doc, _headers = await ask(
-                    nc, "top_processes", b'{"n": 3, "sample_s": 0}', subject="tuxpilot.act.script-host.sysmon"
+                    nc, "top_processes", b'{"n": 3, "sample_s": 0}', subject="tuxpilot.exec.script-host.sysmon"
                 )
                 break
             except (NoRespondersError, NatsTimeout):

@@ -378,6 +378,7 @@ def pipeline_config(base: Config, url: str, state_dir: Path, prefix: str, in_fli
             "dry_run": False, "dry_run_actions": [], "cooldown_s": 0.0, "cooldowns": {},
             "max_in_flight_per_plugin": max(base.gate.max_in_flight_per_plugin, 2 * in_flight),
             "max_concurrency": max(base.gate.max_concurrency, in_flight),
+            "proposal_rate": 0,  # the run is a flood of proposals on purpose
         }
     )
     plugins = {k: v for k, v in base.plugins.items() if k != BENCH_PLUGIN}  # its default grants
@@ -406,14 +407,14 @@ async def _ended(proc: asyncio.subprocess.Process, grace_s: float = 10.0) -> Non
 
 
 async def _until_serving(nc: Client, config: Config, registry: Registry, plugin: asyncio.subprocess.Process) -> None:
-    """Until the plugin has announced itself, serves its action and has its events consumer."""
+    """Until the plugin serves its action and has its events consumer."""
     subjects = Subjects.of(config)
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if plugin.returncode is not None:
             raise RuntimeError(f"the {BENCH_PLUGIN} plugin exited with code {plugin.returncode}")
         with contextlib.suppress(Exception):
-            if await registry.get(BENCH_PLUGIN) is not None:
+            if registry.get(BENCH_PLUGIN) is not None:
                 await nc.request(f"$SRV.PING.{BENCH_PLUGIN}", b"", timeout=0.5)
                 await nc.jetstream().consumer_info(Names.of(subjects).events, f"{BENCH_PLUGIN}-{subjects.host}")
                 return
@@ -465,7 +466,7 @@ async def run_pipeline(base: Config, url: str, state_dir: Path, events: int, in_
         )
         nc = await bus.connect(config.nats, url, name="tuxpilot-bench-agent")
         client = await bus.connect(config.nats, url, name="tuxpilot-bench-client")
-        registry = Registry(nc, subjects)
+        registry = Registry(nc, subjects, {BENCH_PLUGIN: load_manifest(folder)})
         gate = Gate(nc, config, registry)
         try:
             await registry.start()

@@ -70,7 +70,7 @@ async def test_memory_high_ends_in_an_ok_result_with_real_process_data(
 ) -> None:
     _, dial = running
     events = await nc.subscribe("tuxpilot.evt.test-host.memory.*")
-    proposals = await nc.subscribe("tuxpilot.proposal.test-host")
+    proposals = await nc.subscribe("tuxpilot.proposal.test-host.*")
     results = await nc.subscribe("tuxpilot.result.test-host.sysmon.top_processes")
     dial.memory = 96.0
 

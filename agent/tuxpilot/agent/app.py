@@ -273,9 +273,14 @@ class Agent:
                 self._on_dead_letter,
             )
         )
-        self.registry = await stack.enter_async_context(Registry(nc, self.subjects))
+        # The gate decides from the manifests this host loaded itself: every installed plugin's; the
+        # registry bucket gets the entries of the plugins it runs.
+        installed = {name: f.manifest for name, f in host_plugins(cfg).plugins.items() if f.manifest is not None}
+        running = {name: m for name, (_, m) in plugins.items()}
+        self.registry = await stack.enter_async_context(Registry(nc, self.subjects, {**installed, **running}, running))
         self.gate = await stack.enter_async_context(Gate(nc, cfg, self.registry))
-        self.handrun = HandRun(nc, cfg, self.server, plugins)  # `tuxpilot plugin run` asks it to load a folder
+        # `tuxpilot plugin run` asks it to load a folder
+        self.handrun = HandRun(nc, cfg, self.server, plugins, on_loaded=self.gate.add_plugin)
         await stack.enter_async_context(subscription(nc, self.handrun.subject, self.handrun.handle))
         if cfg.monitor.enabled:
             self.monitor = await stack.enter_async_context(
@@ -355,6 +360,8 @@ class Agent:
                     self.host = await self._stack.enter_async_context(host)
                 for name, (folder, manifest) in start.items():
                     current[name] = (folder, manifest)
+                    if self.gate is not None:
+                        await self.gate.add_plugin(manifest)
                     self.host.add(name, folder, manifest, credentials.get(name))
             self.config.run_plugins, self.config.plugin_dirs = fresh.run_plugins, fresh.plugin_dirs
             if start or stop:

@@ -73,6 +73,22 @@ class GateConfig(Section):
     max_in_flight_per_plugin: Annotated[int, Field(ge=1)] = Field(
         32, description="Actions executing at once per plugin; beyond it proposals wait (back-pressure)."
     )
+    operator_cooldowns: bool = Field(
+        False, description="Apply cooldowns to operator calls on the public action endpoint too (proposals always)."
+    )
+    proposal_rate: Annotated[int, Field(ge=0)] = Field(
+        600, description="Proposals each plugin may make per proposal_rate_window_s; more are dropped (0: no limit)."
+    )
+    proposal_rate_window_s: Annotated[float, Field(gt=0)] = 60.0
+    proposal_rates: dict[str, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict, description="proposal_rate per plugin, keyed by plugin name."
+    )
+    record_params_max_bytes: Annotated[int, Field(ge=0)] = Field(
+        4096, description="Params larger than this (as JSON) are recorded as their size and sha256, not copied."
+    )
+    late_reply_window_s: Annotated[float, Field(ge=0)] = Field(
+        300.0, description="How long a timed-out action's late reply is still recorded as a follow-up outcome."
+    )
 
 
 class FleetConfig(Section):

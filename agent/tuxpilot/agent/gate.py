@@ -1,18 +1,24 @@
-"""The gate: every proposed action goes parse → validate → authorise → policy → execute → record.
+"""The gate: every action, proposed by a plugin or called by an operator, goes through the same steps.
 
-Each step is a small function that either passes or raises `Stop` saying why; `Gate` strings them
-together, executes what survives by request to the owning plugin, and publishes every outcome on
-`tuxpilot.result.<host>.<plugin>.<action>`.
+Proposals come from the host's proposals stream, each plugin on its own subject
+(`tuxpilot.proposal.<host>.<plugin>`, the only one nats-server lets it publish on), so the proposer is
+read from the subject, never from the body. Operators, rules and schedules call the public endpoint
+`tuxpilot.act.<host>.<plugin>.<action>`, which the gate serves as the NATS micro service
+`tuxpilot-gate`. Both become a `Case` that passes the ordered steps (`tuxpilot.agent.steps`), is
+executed by request to the owning plugin's private endpoint `tuxpilot.exec.<host>.<plugin>.<action>`
+(which only the agent's user may publish to), and is recorded on `tuxpilot.result.<host>.<plugin>.<action>`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import hashlib
+import contextlib
 import json
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from typing import Any
 
 import structlog
@@ -20,45 +26,60 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
+from nats.micro import add_service
+from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
+from nats.micro.service import Service
 from pydantic import ValidationError
 
 from tuxpilot.agent.config import Config
+from tuxpilot.agent.executor import Executor
 from tuxpilot.agent.ledger import Ledger
+from tuxpilot.agent.rates import ProposalRates, Window
 from tuxpilot.agent.registry import Registry
+from tuxpilot.agent.steps import (
+    STEPS,
+    Case,
+    Cooldowns,
+    Step,
+    Stop,
+    action_id,
+    params_digest,
+    run_steps,
+)
 from tuxpilot.bus.consumer import Durable
 from tuxpilot.bus.streams import ensure_streams
 from tuxpilot.lifetime import Part
 from tuxpilot.protocol import schemas
-from tuxpilot.protocol.errors import BadRequest, TuxPilotError, error_doc
-from tuxpilot.protocol.manifest import ActionSpec, Manifest
-from tuxpilot.protocol.models import ErrorDoc, Proposal, ProposedAction, Result, Status, now
-from tuxpilot.protocol.names import ACTION_ID_HEADER, EVENT_ID_HEADER, Names, Subjects
+from tuxpilot.protocol.errors import STATUS_CODES, BadRequest, TuxPilotError, error_doc
+from tuxpilot.protocol.manifest import Manifest
+from tuxpilot.protocol.models import ErrorDoc, Proposal, Reason, Result, Source, Status, new_id, now
+from tuxpilot.protocol.names import (
+    ACTION_ID_HEADER,
+    EVENT_ID_HEADER,
+    GATE_SERVICE,
+    MSG_ID_HEADER,
+    Names,
+    Subjects,
+    caller_of,
+    gate_queue,
+)
+
+__all__ = ["Cooldowns", "Gate", "Stop", "action_id", "parse_proposal", "reply_to_result"]
 
 log = structlog.get_logger("tuxpilot.gate")
 
-ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 # Results about proposals too broken to name a plugin and action are filed under this pair.
 GATE_PLUGIN, GATE_ACTION = "gate", "proposal"
+# Records about a plugin's proposals as a whole (the rate limit's summaries): `<plugin>.proposal`.
+PROPOSALS_ACTION = "proposal"
 BACKPRESSURE_DELAY_S = 0.5
 RECORD_ATTEMPTS = 10
-RESEND_ATTEMPTS = 3
 UNAVAILABLE_RETRY_S = 0.1
-LINK_POLL_S = 0.2
+RATE_SUMMARY_POLL_S = 1.0
+# Largest body an operator call may carry: the same bound the SDK puts on params.
+MAX_CALL_BYTES = 256 * 1024
+LATE_RECORD_WAIT_S = 10.0
 COOLDOWNS_CACHED = 100_000
-
-
-class Stop(Exception):
-    """A step's verdict that this action goes no further, and why."""
-
-    def __init__(self, status: Status, reason: str, message: str, error: dict[str, Any] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.message = message
-        self.error = error
-
-
-# -- steps ---------------------------------------------------------------------------------------
 
 
 def parse_proposal(raw: bytes, max_payload: int) -> Proposal:
@@ -71,98 +92,12 @@ def parse_proposal(raw: bytes, max_payload: int) -> Proposal:
         raise BadRequest(f"proposal: {exc.errors()[0]['msg']}") from None
 
 
-def action_id(event_id: str, plugin: str, action: str, params: dict[str, Any]) -> str:
-    """Deterministic: the same event asking the same action with the same params is the same action."""
-    key = json.dumps([event_id, plugin, action, params], sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
-
-
-def check_owner(proposal: Proposal, action: ProposedAction, manifest: Manifest | None) -> ActionSpec:
-    if action.plugin != proposal.plugin:
-        raise Stop(
-            "refused",
-            "foreign_action",
-            f"plugin {proposal.plugin!r} may only propose its own actions, not {action.plugin}.{action.action}",
-        )
-    if manifest is None:
-        raise Stop("refused", "unknown_plugin", f"no plugin {action.plugin!r} is registered on this host")
-    spec = manifest.actions.get(action.action)
-    if spec is None:
-        known = ", ".join(sorted(manifest.actions)) or "none"
-        raise Stop("refused", "unknown_action", f"{action.plugin} has no action {action.action!r} (it has: {known})")
-    return spec
-
-
-def check_params(manifest: Manifest, action: ProposedAction) -> None:
-    try:
-        manifest.params_validator(action.action).check(action.params)
-    except TuxPilotError as exc:
-        raise Stop("refused", "invalid_params", exc.message, exc.to_doc()) from None
-
-
-def check_expiry(proposal: Proposal) -> None:
-    event = proposal.event
-    if event is not None and event.expired():
-        raise Stop("expired", "event_expired", f"event {event.id} is older than its ttl of {event.ttl} s")
-
-
-def check_permission(config: Config, manifest: Manifest, spec: ActionSpec, action: ProposedAction) -> Stop | None:
-    """Refuse an action whose permission the host has not granted.
-
-    An action the manifest marks `dry_run` is not refused but returns the dry-run verdict, raised
-    after the cooldown so that repeated dry runs are paced like real ones.
-    """
-    if spec.permission is None or spec.permission in config.plugin(manifest.name).granted(manifest):
-        return None
-    if spec.dry_run:
-        return Stop(
-            "dry_run",
-            "permission_not_granted",
-            f"dry run: {action.plugin}.{action.action} executes once the host grants {spec.permission.value}",
-        )
-    raise Stop(
-        "refused",
-        "permission_not_granted",
-        f"{action.plugin}.{action.action} needs permission {spec.permission.value!r}, which this host has not "
-        f"granted to {manifest.name}; run `tuxpilot plugin grant {manifest.name} {spec.permission.value}` to grant it",
-    )
-
-
-def check_dry_run(config: Config, action: ProposedAction) -> None:
-    key = f"{action.plugin}.{action.action}"
-    if config.gate.dry_run or key in config.gate.dry_run_actions:
-        raise Stop("dry_run", "dry_run_mode", f"dry run: {key} was not executed (gate dry-run policy)")
-
-
-def cooldown_for(config: Config, spec: ActionSpec, action: ProposedAction) -> float:
-    configured = config.gate.cooldowns.get(f"{action.plugin}.{action.action}")
-    if configured is not None:
-        return configured
-    return spec.cooldown_s if spec.cooldown_s is not None else config.gate.cooldown_s
-
-
-@dataclass
-class Cooldowns:
-    """When each (plugin.action, resource) last ran; a pure clock-in structure."""
-
-    last: dict[str, float] = field(default_factory=dict)
-
-    def claim(self, key: str, at: float, cooldown_s: float) -> float | None:
-        """Take the slot and return None, or return the seconds still to wait."""
-        previous = self.last.get(key)
-        if previous is not None and at - previous < cooldown_s:
-            return cooldown_s - (at - previous)
-        self.last[key] = at
-        return None
-
-
-def cooldown_key(action: ProposedAction, proposal: Proposal) -> str:
-    resource = action.resource or (proposal.event.resource if proposal.event else None) or ""
-    return f"{action.plugin}.{action.action}:{resource}"
-
-
 def reply_to_result(msg: Msg) -> Result:
-    """A plugin's reply: an `error` document (micro error headers set) or a `result` document."""
+    """A plugin's reply: an `error` document (micro error headers set) or a `result` document.
+
+    Only what a plugin may say about its own outcome is taken from it (status, reason, message, data,
+    artifacts, error); who asked, for what and when is the gate's to record.
+    """
     try:
         doc = json.loads(msg.data) if msg.data else None
     except ValueError:
@@ -172,48 +107,85 @@ def reply_to_result(msg: Msg) -> Result:
         try:
             error = ErrorDoc.model_validate(doc)
         except ValidationError:
-            error = ErrorDoc(code="internal", message=headers.get("Nats-Service-Error", "plugin failed")[:4096])
-        return Result(status="error", reason=error.code, message=error.message, error=error)
+            error = ErrorDoc(code="internal", message=headers.get(ERROR_HEADER, "plugin failed")[:4096])
+        return Result(status=Status.error, reason=error.code, message=error.message, error=error)
     if not isinstance(doc, dict) or not schemas.validator("result").is_valid(doc):
-        return Result(status="error", reason="bad_reply", message="the plugin's reply is not a result document")
-    return Result.model_validate(doc)
+        return Result(status=Status.error, reason=Reason.bad_reply,
+                      message="the plugin's reply is not a result document")
+    full = Result.model_validate(doc)
+    return Result(
+        status=full.status, reason=full.reason, message=full.message, data=full.data, artifacts=full.artifacts,
+        error=full.error,
+    )
 
 
-def _wake(woken: asyncio.Future[None], *_: object) -> None:
-    if not woken.done():
-        woken.set_result(None)
-
-
-# -- the gate ------------------------------------------------------------------------------------
+def _service_version() -> str:
+    try:
+        return package_version("tuxpilot")
+    except PackageNotFoundError:
+        return "0.0.0"
 
 
 class Gate(Part):
-    """Subscribes to the host's proposals and takes each proposed action through the steps."""
+    """Decides the host's proposals and serves the host's public action endpoints."""
 
-    def __init__(self, nc: Client, config: Config, registry: Registry):
+    def __init__(self, nc: Client, config: Config, registry: Registry, steps: Sequence[Step] = STEPS):
         self.nc = nc
         self.config = config
         self.subjects = Subjects.of(config)
         self.registry = registry
+        self.steps = list(steps)
         self.cooldowns = Cooldowns()
         self.ledger = Ledger(nc, self.subjects, config.streams)
+        self.executor: Executor[Case] = Executor(nc, self._on_late, watch_s=config.gate.late_reply_window_s)
+        self.rates = ProposalRates()
         self.consumer: Durable | None = None
+        self.service: Service | None = None
         self.in_flight: dict[str, int] = {}
-        # The requests waiting for a reply, each by the future that `_watch_link` wakes on a reconnect.
-        self._waiting: set[asyncio.Future[None]] = set()
-        self._link_task: asyncio.Task[None] | None = None
         self.deferred = 0
+        self._calls: set[asyncio.Task[None]] = set()
+        self._served: set[tuple[str, str]] = set()
+        self._call_slots = asyncio.Semaphore(config.gate.max_concurrency)
+        self._rates_task: asyncio.Task[None] | None = None
+        # Timed-out cases whose timeout record is not yet stored: a late reply waits for it.
+        self._recording: dict[str, asyncio.Event] = {}
+
+    # -- what the steps ask (steps.Policy) ---------------------------------------------------------
+
+    def manifest(self, plugin: str) -> Manifest | None:
+        return self.registry.get(plugin)
+
+    async def claim(self, case: Case) -> dict[str, Any] | None:
+        return await self.ledger.claim(case.id)
+
+    async def cooldown(self, key: str, pause: float) -> float | None:
+        if pause <= 0:
+            return None
+        if key not in self.cooldowns.last:  # memory is a cache of the bucket: asked per key, never listed
+            since = await self.ledger.cooldown_since(key)
+            if since is not None:
+                self.cooldowns.last.setdefault(key, since)
+        at = time.time()  # wall clock: the time is kept across restarts
+        wait = self.cooldowns.claim(key, at, pause)
+        if wait is None:
+            if len(self.cooldowns.last) > COOLDOWNS_CACHED:  # forgetting one only costs a lookup
+                del self.cooldowns.last[next(iter(self.cooldowns.last))]
+            await self.ledger.save_cooldown(key, at, pause)
+        return wait
+
+    # -- lifetime ------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Bind the host's durable proposals consumer; cooldowns come back from KV."""
+        """Bind the host's durable proposals consumer and serve the public action endpoints."""
         js = self.nc.jetstream()
         await ensure_streams(js, self.subjects, self.config.streams, update=False)
         await self.ledger.start()
+        await self.executor.start()
         self.consumer = Durable(
             js,
             stream=Names.of(self.subjects).proposals,
             name=f"gate-{self.subjects.host}",
-            filter_subjects=[self.subjects.proposal()],
+            filter_subjects=[self.subjects.proposals()],
             handler=self._on_msg,
             # A proposal is acked once decided; redelivery after an agent crash meets the ledger.
             ack_wait=self.config.gate.action_timeout_s * 3,
@@ -223,178 +195,322 @@ class Gate(Part):
             metadata={"tuxpilot": "gate", "host": self.subjects.host},
         )
         await self.consumer.start()
-        self._link_task = asyncio.create_task(self._watch_link(), name="gate-link")
-        log.info("gate.started", subject=self.subjects.proposal(), dry_run=self.config.gate.dry_run)
+        await self._serve()
+        self._rates_task = asyncio.create_task(self._summarise_rates(), name="gate-rates")
+        log.info("gate.started", proposals=self.subjects.proposals(), endpoints=self.subjects.act("*", "*"),
+                 dry_run=self.config.gate.dry_run)
 
     async def stop(self) -> None:
+        if self.service is not None:
+            with contextlib.suppress(Exception):
+                await self.service.stop()
         if self.consumer is not None:
             await self.consumer.stop(grace_s=self.config.gate.action_timeout_s)
-        if self._link_task is not None:
-            self._link_task.cancel()
+        if self._calls:
+            await asyncio.wait(list(self._calls), timeout=self.config.gate.action_timeout_s)
+        if self._rates_task is not None:
+            self._rates_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rates_task
+        for window in self.rates.flush():
+            await self._record_rate_summary(window)
+        await self.executor.stop()
+
+    # -- proposals -----------------------------------------------------------------------------------
 
     async def _on_msg(self, msg: Msg) -> None:
+        proposer = self.subjects.proposer(msg.subject) or GATE_PLUGIN
+        limit = self.config.gate.proposal_rates.get(proposer, self.config.gate.proposal_rate)
+        proposal_ref = (msg.headers or {}).get(MSG_ID_HEADER) or str(msg.metadata.sequence.stream)
+        window_s = self.config.gate.proposal_rate_window_s
+        # Counted once, at its first delivery: a proposal back-pressure made wait is not a new one.
+        first = msg.metadata.num_delivered <= 1
+        if first and not self.rates.admit(proposer, proposal_ref, time.monotonic(), limit, window_s):
+            # Over the plugin's rate: not decided, not recorded one by one (the window's summary says it).
+            await msg.ack()
+            return
         try:
             proposal = parse_proposal(msg.data, self.config.gate.max_payload)
         except TuxPilotError as exc:
-            await self.refuse(exc)
+            await self.refuse(exc, proposer)
             await msg.ack()
             return
-        if self.busy(proposal.plugin):
+        if self.busy(proposer):
             # Back-pressure: a plugin that falls behind waits in the stream, not in our slots,
             # so it cannot starve the other plugins' proposals.
             self.deferred += 1
             if self.deferred % 100 == 1:
-                log.warning("gate.backpressure", plugin=proposal.plugin, in_flight=self.in_flight[proposal.plugin],
+                log.warning("gate.backpressure", plugin=proposer, in_flight=self.in_flight[proposer],
                             deferred=self.deferred)
             await msg.nak(delay=BACKPRESSURE_DELAY_S)
             return
         try:
-            await self.handle_proposal(proposal)
+            await self.handle_proposal(proposal, proposer)
         except Exception as exc:  # never redeliver forever: say so on the record, and move on
-            log.exception("gate.failed", proposal_id=proposal.id, plugin=proposal.plugin)
-            await self.refuse(TuxPilotError(f"the gate failed on this proposal: {error_doc(exc)['message']}"))
+            log.exception("gate.failed", proposal_id=proposal.id, plugin=proposer)
+            await self.refuse(TuxPilotError(f"the gate failed on this proposal: {error_doc(exc)['message']}"), proposer)
         await msg.ack()
 
     def busy(self, plugin: str) -> bool:
         return self.in_flight.get(plugin, 0) >= self.config.gate.max_in_flight_per_plugin
 
-    async def handle(self, raw: bytes) -> list[Result]:
-        """Take one raw proposal through the gate; returns the recorded results."""
+    async def handle(self, raw: bytes, proposer: str | None = None) -> list[Result]:
+        """Take one raw proposal through the gate; returns the recorded results.
+
+        `proposer` is the plugin whose proposal subject the bytes came on. In-process callers that
+        leave it out vouch for the body's `plugin` themselves; the bus path always reads the subject.
+        """
         try:
             proposal = parse_proposal(raw, self.config.gate.max_payload)
         except TuxPilotError as exc:
-            return [await self.refuse(exc)]
-        return await self.handle_proposal(proposal)
+            return [await self.refuse(exc, proposer)]
+        return await self.handle_proposal(proposal, proposer or proposal.plugin)
 
-    async def refuse(self, exc: TuxPilotError) -> Result:
+    async def refuse(self, exc: TuxPilotError, proposer: str | None = None) -> Result:
         """The record of a proposal too broken to name its plugin and action."""
         result = Result(
-            status="refused", reason=exc.code, message=exc.message, error=ErrorDoc.model_validate(exc.to_doc()),
-            host=self.subjects.host, time=now(),
+            status=Status.refused, reason=exc.code, message=exc.message, error=ErrorDoc.model_validate(exc.to_doc()),
+            host=self.subjects.host, proposed_by=proposer, source=Source.proposal, time=now(),
         )
         await self.record(result, GATE_PLUGIN, GATE_ACTION)
         return result
 
-    async def handle_proposal(self, proposal: Proposal) -> list[Result]:
-        self.in_flight[proposal.plugin] = self.in_flight.get(proposal.plugin, 0) + 1
+    async def handle_proposal(self, proposal: Proposal, proposer: str) -> list[Result]:
+        self.in_flight[proposer] = self.in_flight.get(proposer, 0) + 1
         try:
-            return [await self.decide(proposal, action) for action in proposal.actions]
+            results = []
+            for action in proposal.actions:
+                case = Case(
+                    source=Source.proposal, plugin=action.plugin, action=action.action, params=action.params,
+                    id=action_id(proposal.event_id, action.plugin, action.action, action.params),
+                    proposer=proposer, proposal=proposal, resource=action.resource,
+                )
+                results.append(await self.decide(case))
+            return results
         finally:
-            self.in_flight[proposal.plugin] -= 1
+            self.in_flight[proposer] -= 1
 
-    async def decide(self, proposal: Proposal, action: ProposedAction) -> Result:
-        started = time.perf_counter()
-        aid = action_id(proposal.event_id, action.plugin, action.action, action.params)
-        blog = log.bind(event_id=proposal.event_id, action_id=aid, plugin=action.plugin, action=action.action)
+    async def decide(self, case: Case) -> Result:
+        """The steps, then execution; whatever happens, one record."""
         try:
-            manifest = await self.registry.get(action.plugin) if action.plugin == proposal.plugin else None
-            spec = check_owner(proposal, action, manifest)
-            assert manifest is not None
-            check_params(manifest, action)
-            check_expiry(proposal)
-            dry_run = check_permission(self.config, manifest, spec, action)
-            earlier = await self.ledger.claim(aid)
-            if earlier is not None:
-                raise Stop("duplicate", "already_claimed", f"action {aid} was taken before ({earlier.get('state')})")
-            await self.claim_cooldown(cooldown_key(action, proposal), cooldown_for(self.config, spec, action))
-            if dry_run is not None:
-                raise dry_run
-            check_dry_run(self.config, action)
-            result = await self.execute(action, aid, proposal.event_id, spec)
-            await self.ledger.finish(aid, result)
+            await run_steps(self.steps, self, case)
+            result = await self.execute(case)
+            await self.ledger.finish(case.id, result)
         except Stop as stop:
             error = ErrorDoc.model_validate(stop.error) if stop.error else None
             result = Result(status=stop.status, reason=stop.reason, message=stop.message, error=error)
-        result = result.model_copy(
-            update={
-                "id": aid,
-                "host": self.subjects.host,
-                "plugin": action.plugin,
-                "action": action.action,
-                "params": action.params,
-                "event_id": proposal.event_id,
-                "proposal_id": proposal.id,
-                "proposed_by": proposal.plugin,
-                "time": now(),
-                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-            }
-        )
-        blog.info("gate.decided", status=result.status, reason=result.reason, ms=result.duration_ms)
-        await self.record(result, action.plugin, action.action)
+        result = self.stamp(result, case)
+        log.info("gate.decided", source=case.source.value, plugin=case.plugin, action=case.action, action_id=case.id,
+                 event_id=case.event_id, proposed_by=case.proposer, caller=case.caller, status=result.status.value,
+                 reason=result.reason, ms=result.duration_ms)
+        await self.record(result, case.plugin, case.action)
+        recorded = self._recording.pop(case.id, None)
+        if recorded is not None:
+            recorded.set()
         return result
 
-    async def claim_cooldown(self, key: str, pause: float) -> None:
-        if pause <= 0:
-            return
-        if key not in self.cooldowns.last:  # memory is a cache of the bucket: asked per key, never listed
-            since = await self.ledger.cooldown_since(key)
-            if since is not None:
-                self.cooldowns.last.setdefault(key, since)
-        at = time.time()  # wall clock: the time is kept across restarts
-        wait = self.cooldowns.claim(key, at, pause)
-        if wait is not None:
-            raise Stop("suppressed", "cooldown", f"in cooldown for another {wait:.1f} s")
-        if len(self.cooldowns.last) > COOLDOWNS_CACHED:  # forgetting one only costs a lookup
-            del self.cooldowns.last[next(iter(self.cooldowns.last))]
-        await self.ledger.save_cooldown(key, at, pause)
+    def stamp(self, result: Result, case: Case) -> Result:
+        """The record: the outcome, and who asked for what. Large params are kept as their size and hash."""
+        size, digest = params_digest(case.params)
+        small = size <= self.config.gate.record_params_max_bytes
+        proposal = case.proposal
+        return result.model_copy(
+            update={
+                "id": case.id,
+                "host": self.subjects.host,
+                "plugin": case.plugin,
+                "action": case.action,
+                "params": case.params if small else None,
+                "params_bytes": None if small else size,
+                "params_sha256": None if small else digest,
+                "event_id": case.event_id,
+                "proposal_id": proposal.id if proposal is not None else None,
+                "proposed_by": case.proposer,
+                "source": case.source,
+                "caller": case.caller,
+                "time": now(),
+                "duration_ms": round((time.perf_counter() - case.started) * 1000, 3),
+            }
+        )
 
-    async def execute(self, action: ProposedAction, aid: str, event_id: str, spec: ActionSpec) -> Result:
-        """Request the owning plugin's endpoint; map silence and refusals to results.
+    # -- execution -----------------------------------------------------------------------------------
 
-        When the link to the server is restored while waiting, the request (or its reply) may have
-        been lost with the old connection: it is sent again with the same action id, which the
-        plugin answers from its first run instead of running the action twice.
-        """
-        timeout = spec.timeout_s or self.config.gate.action_timeout_s
-        subject, body = self.subjects.act(action.plugin, action.action), json.dumps(action.params).encode()
-        headers = {ACTION_ID_HEADER: aid, EVENT_ID_HEADER: event_id}
+    async def execute(self, case: Case) -> Result:
+        """Request the owning plugin's private endpoint; map silence and refusals to results."""
+        assert case.spec is not None
+        timeout = case.spec.timeout_s or self.config.gate.action_timeout_s
+        subject, body = self.subjects.exec(case.plugin, case.action), json.dumps(case.params).encode()
+        headers = {ACTION_ID_HEADER: case.id}
+        if case.event_id:
+            headers[EVENT_ID_HEADER] = case.event_id
         # No responders means the request reached nobody: safe to ask again while a plugin
         # (re)subscribes, for example just after the server came back.
         patience = asyncio.get_running_loop().time() + self.config.gate.unavailable_retry_s
         while True:
             try:
-                return reply_to_result(await self._request(subject, body, timeout, headers))
+                msg = await self.executor.request(subject, body, headers, wait_s=timeout)
+                case.reply = msg
+                return reply_to_result(msg)
             except NoRespondersError:
                 if asyncio.get_running_loop().time() < patience:
                     await asyncio.sleep(UNAVAILABLE_RETRY_S)
                     continue
-                message = f"no {action.plugin} instance is serving {action.action}"
-                return Result(status="unavailable", reason="no_responders", message=message)
+                message = f"no {case.plugin} instance is serving {case.action}"
+                return Result(status=Status.unavailable, reason=Reason.no_responders, message=message)
             except (NatsTimeout, TimeoutError):
-                return Result(status="timeout", reason="timeout", message=f"no reply within {timeout} s")
+                # The action may still run and answer: its reply is recorded as a follow-up outcome.
+                self._recording[case.id] = asyncio.Event()
+                self.executor.watch(case.id, case)
+                return Result(status=Status.timeout, reason=Reason.timeout, message=f"no reply within {timeout} s")
             except Exception as exc:
-                return Result(status="error", reason="internal", message=error_doc(exc)["message"])
+                return Result(status=Status.error, reason=Reason.internal, message=error_doc(exc)["message"])
 
-    async def _request(self, subject: str, body: bytes, wait_s: float, headers: dict[str, str]) -> Msg:
-        """One request, sent again (same headers) if the link is restored while it waits."""
-        loop = asyncio.get_running_loop()
-        for attempt in range(RESEND_ATTEMPTS):
-            # One future, woken by the reply (or its failure) or by `_watch_link` on a reconnect: a task
-            # waiting on an Event and `asyncio.wait` for each request cost ~13 µs of CPU per action.
-            woken: asyncio.Future[None] = loop.create_future()
-            request = asyncio.ensure_future(self.nc.request(subject, body, timeout=wait_s, headers=headers))
-            request.add_done_callback(functools.partial(_wake, woken))
-            self._waiting.add(woken)
+    async def _on_late(self, case: Case, msg: Msg) -> None:
+        """A reply after the timeout was recorded: the same action id gets its real outcome."""
+        recorded = self._recording.get(case.id)
+        if recorded is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(recorded.wait(), LATE_RECORD_WAIT_S)
+        result = self.stamp(reply_to_result(msg), case).model_copy(update={"late": True})
+        log.warning("gate.late_reply", plugin=case.plugin, action=case.action, action_id=case.id,
+                    status=result.status.value, ms=result.duration_ms)
+        await self.ledger.finish(case.id, result)
+        await self.record(result, case.plugin, case.action)
+
+    # -- the public action endpoint ------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        """`tuxpilot-gate`: one endpoint per installed plugin's action, its contract in the metadata."""
+        self.service = await add_service(
+            self.nc,
+            name=GATE_SERVICE,
+            version=_service_version(),
+            description=f"TuxPilot's gate on {self.subjects.host}: every action call is checked and audited",
+            metadata={"tuxpilot": "gate", "host": self.subjects.host},
+            queue_group=gate_queue(self.subjects.host),
+        )
+        for _, manifest in sorted(self.registry.all().items()):
+            await self._serve_actions(manifest)
+
+    async def add_plugin(self, manifest: Manifest) -> None:
+        """A plugin loaded while the agent runs: decided from this manifest, its actions served."""
+        await self.registry.add(manifest)
+        await self._serve_actions(manifest)
+
+    async def _serve_actions(self, manifest: Manifest) -> None:
+        if self.service is None:
+            return
+        for action, spec in sorted(manifest.actions.items()):
+            if (manifest.name, action) in self._served:
+                continue  # an endpoint stays; the steps decide from the manifest in force
+            self._served.add((manifest.name, action))
+            await self.service.add_endpoint(
+                name=f"{manifest.name}-{action}",
+                subject=self.subjects.act(manifest.name, action),
+                handler=self._endpoint(manifest.name, action),
+                metadata={
+                    "plugin": manifest.name,
+                    "action": action,
+                    "description": spec.description[:256],
+                    "params": json.dumps(spec.params, sort_keys=True),
+                    "permission": spec.permission.value if spec.permission else "",
+                    "timeout_s": f"{spec.timeout_s or self.config.gate.action_timeout_s:g}",
+                    "dry_run": "true" if spec.dry_run else "false",
+                },
+            )
+
+    def _endpoint(self, plugin: str, action: str) -> Any:
+        async def handle(req: Request) -> None:
+            # Handlers of one subscription run one at a time: answer each call in its own task.
+            await self._call_slots.acquire()
+            task = asyncio.create_task(self.call(req, plugin, action), name="gate-call")
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
+
+        return handle
+
+    async def call(self, req: Request, plugin: str, action: str) -> None:
+        """An operator's call: the same steps as a proposal, one record, and a reply in the usual shapes."""
+        try:
+            reply_to = req._msg.reply
+            case = Case(source=Source.operator, plugin=plugin, action=action, params={}, id=new_id(),
+                        caller=caller_of(reply_to))
             try:
-                await woken
-            finally:
-                self._waiting.discard(woken)
-            if request.done():
-                return request.result()
-            request.cancel()
-            log.info("gate.request_resent", action_id=headers.get(ACTION_ID_HEADER), subject=subject, attempt=attempt)
-        return await self.nc.request(subject, body, timeout=wait_s, headers=headers)
+                if not reply_to:
+                    # Nobody would hear the outcome, and nothing names the caller: not acted on.
+                    raise Stop(Status.refused, Reason.no_caller, "a call must be a request with a reply inbox")
+                case.params = schemas.parse_params(req.data, MAX_CALL_BYTES)
+            except TuxPilotError as exc:
+                reason = Reason(exc.code) if exc.code in Reason.__members__ else Reason.bad_request
+                stop = Stop(Status.refused, reason, exc.message, exc.to_doc())
+                result = await self._record_stop(stop, case)
+            except Stop as stop:
+                result = await self._record_stop(stop, case)
+            else:
+                result = await self.decide(case)
+            if reply_to:
+                body, headers = self._reply(result, case)
+                await req.respond(body, headers=headers)
+        except Exception as exc:  # the caller still gets an answer, and the gate lives on
+            log.exception("gate.call_failed", plugin=plugin, action=action)
+            with contextlib.suppress(Exception):
+                body, headers = _error_reply("internal", f"the gate failed on this call: {error_doc(exc)['message']}")
+                await req.respond(body, headers=headers)
+        finally:
+            self._call_slots.release()
 
-    async def _watch_link(self) -> None:
-        """Wake the requests waiting when the client has reconnected."""
-        seen = self.nc.stats["reconnects"]
+    async def _record_stop(self, stop: Stop, case: Case) -> Result:
+        error = ErrorDoc.model_validate(stop.error) if stop.error else None
+        result = self.stamp(Result(status=stop.status, reason=stop.reason, message=stop.message, error=error), case)
+        log.info("gate.decided", source=case.source.value, plugin=case.plugin, action=case.action, action_id=case.id,
+                 caller=case.caller, status=result.status.value, reason=result.reason)
+        await self.record(result, case.plugin, case.action)
+        return result
+
+    def _reply(self, result: Result, case: Case) -> tuple[bytes, dict[str, str] | None]:
+        """What the caller gets: the plugin's own reply when it ran, else the gate's verdict."""
+        msg: Msg | None = case.reply
+        if msg is not None and result.status in (Status.ok, Status.error):
+            headers = {k: v for k, v in (msg.headers or {}).items() if k in (ERROR_HEADER, ERROR_CODE_HEADER)}
+            return msg.data or Result(status=result.status).to_json(), headers or None
+        if result.status is Status.dry_run:
+            verdict = Result(id=result.id, status=result.status, reason=result.reason, message=result.message)
+            return verdict.to_json(), None
+        code = result.reason or "internal"
+        details = result.error.details if result.error is not None and result.error.details else None
+        return _error_reply(code, result.message or result.status.value, details)
+
+    # -- records -------------------------------------------------------------------------------------
+
+    async def _summarise_rates(self) -> None:
         while True:
-            await asyncio.sleep(LINK_POLL_S)
-            now_seen = self.nc.stats["reconnects"]
-            if now_seen != seen and self.nc.is_connected:
-                seen = now_seen
-                for woken in list(self._waiting):
-                    _wake(woken)
+            await asyncio.sleep(RATE_SUMMARY_POLL_S)
+            for window in self.rates.due(time.monotonic()):
+                await self._record_rate_summary(window)
+
+    async def _record_rate_summary(self, window: Window) -> None:
+        started = datetime.now(UTC).timestamp() - (time.monotonic() - window.start)
+        result = Result(
+            id=f"rate-{window.plugin}-{int(started)}"[:128],
+            status=Status.refused,
+            reason=Reason.rate_limited,
+            message=(f"{window.dropped} proposals of {window.plugin} beyond its limit of {window.limit} per "
+                     f"{window.window_s:g} s were dropped, not decided"),
+            data={
+                "dropped": window.dropped,
+                "admitted": window.admitted,
+                "limit": window.limit,
+                "window_s": window.window_s,
+                "window_start": datetime.fromtimestamp(started, UTC).isoformat(),
+                "first_proposal": window.first_dropped,
+                "last_proposal": window.last_dropped,
+            },
+            host=self.subjects.host, plugin=window.plugin, action=PROPOSALS_ACTION, proposed_by=window.plugin,
+            source=Source.proposal, time=now(),
+        )
+        log.warning("gate.rate_limited", plugin=window.plugin, dropped=window.dropped, limit=window.limit,
+                    window_s=window.window_s)
+        await self.record(result, window.plugin, PROPOSALS_ACTION)
 
     async def record(self, result: Result, plugin: str, action: str) -> None:
         """Store the outcome in the audit stream; retried through a reconnect, deduplicated by id."""
@@ -403,13 +519,13 @@ class Gate(Part):
             body = result.to_json()
         except ValueError as exc:  # data a plugin returned that JSON cannot carry
             log.error("gate.unrecordable", plugin=plugin, action=action, action_id=result.id, error=str(exc)[:200])
-            result = Result(
-                id=result.id, status="error", reason="unrecordable", host=result.host, plugin=result.plugin,
-                action=result.action, event_id=result.event_id, proposal_id=result.proposal_id, time=result.time,
-                message=f"the outcome ({result.status}) could not be recorded as JSON: {str(exc)[:200]}",
-            )
+            result = result.model_copy(update={
+                "status": Status.error, "reason": Reason.unrecordable, "data": None, "artifacts": None, "error": None,
+                "message": f"the outcome ({result.status.value}) could not be recorded as JSON: {str(exc)[:200]}",
+            })
             body = result.to_json()
-        headers = {"Nats-Msg-Id": f"{result.id}-{result.status}"} if result.id else None
+        msg_id = f"{result.id}-{result.status.value}{'-late' if result.late else ''}"
+        headers = {MSG_ID_HEADER: msg_id} if result.id else None
         for attempt in range(RECORD_ATTEMPTS):
             try:
                 await self.nc.jetstream().publish(subject, body, headers=headers, timeout=2.0)
@@ -418,3 +534,13 @@ class Gate(Part):
                 log.warning("gate.record_retry", plugin=plugin, action=action, attempt=attempt, error=str(exc)[:200])
                 await asyncio.sleep(min(0.2 * 2**attempt, 2.0))
         log.error("gate.record_failed", plugin=plugin, action=action, action_id=result.id)
+
+
+def _error_reply(code: str, message: str, details: dict[str, Any] | None = None) -> tuple[bytes, dict[str, str]]:
+    """An `error` document, with the NATS micro error headers carrying the same code and message."""
+    doc: dict[str, Any] = {"code": code, "message": message[:4096]}
+    if details:
+        doc["details"] = details
+    description = message[:1000].replace("\n", " ").replace("\r", " ")
+    status = str(STATUS_CODES.get(code, 500))
+    return json.dumps(doc).encode(), {ERROR_HEADER: description, ERROR_CODE_HEADER: status}

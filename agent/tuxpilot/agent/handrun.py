@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,6 @@ from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
 from tuxpilot.agent.config import Config
 from tuxpilot.bus import auth
-from tuxpilot.bus.registry import announce
 from tuxpilot.bus.server import NatsServer
 from tuxpilot.bus.streams import create_plugin_consumer
 from tuxpilot.protocol.errors import BadRequest, TuxPilotError, Unavailable, error_doc
@@ -56,12 +56,14 @@ class HandRun:
         config: Config,
         server: NatsServer | None,
         running: dict[str, tuple[Path, Manifest]],
+        on_loaded: Callable[[Manifest], Awaitable[None]],
     ):
         self.nc = nc
         self.config = config
         self.subjects = Subjects.of(config)
         self.server = server
         self.running = running  # the plugins the agent runs itself: name -> (folder, manifest)
+        self.on_loaded = on_loaded  # the gate takes the manifest; the registry bucket gets its entry
         self.loaded: dict[str, tuple[Path, Manifest]] = {}  # loaded for `plugin run`
         self._lock = asyncio.Lock()
 
@@ -101,7 +103,7 @@ class HandRun:
         js = self.nc.jetstream()
         await create_plugin_consumer(js, manifest, self.subjects, self.config.streams,
                                      history=self.config.plugin(name).history)
-        await announce(js, self.subjects, manifest, instance="agent")
+        await self.on_loaded(manifest)
         log.info("handrun.loaded", plugin=name, folder=str(folder), version=manifest.version)
         return {"plugin": name, "version": manifest.version, "user_file": str(user_file) if user_file else None}
 

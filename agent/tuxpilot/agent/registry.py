@@ -1,22 +1,21 @@
-"""The plugin registry: plugins announce their manifests in a JetStream KV bucket; the agent watches it.
+"""The plugin registry: the manifests this host loaded itself, and the registry bucket written from them.
 
-Keys are `<host>.<plugin>`; the value is the manifest and the announcing instance. Liveness is asked of
-the NATS micro discovery (`$SRV.PING.<plugin>`), so a crashed plugin shows as registered but not live.
+The gate decides only from these manifests (local files the agent read and validated), never from
+anything a plugin announces. The registry bucket (`<host>.<plugin>` keys) is information for
+`status` and the CLI, written by the agent on each local plugin's behalf; plugins may not write it.
+A running plugin announces itself through its micro service's `$SRV.INFO` metadata, which says who
+is running, not what the gate allows.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+from collections.abc import Mapping
 
 import structlog
 from nats.aio.client import Client
-from nats.js.errors import KeyNotFoundError
-from nats.js.kv import KeyValue
 
 from tuxpilot.bus.registry import open_bucket
 from tuxpilot.lifetime import Part
-from tuxpilot.protocol.errors import TuxPilotError
 from tuxpilot.protocol.manifest import Manifest
 from tuxpilot.protocol.names import Subjects, registry_key
 from tuxpilot.protocol.registry import RegistryEntry
@@ -24,73 +23,37 @@ from tuxpilot.protocol.registry import RegistryEntry
 log = structlog.get_logger("tuxpilot.registry")
 
 
-def _parse(value: bytes | None) -> Manifest | None:
-    if not value:
-        return None
-    try:
-        return RegistryEntry.from_json(value).manifest
-    except TuxPilotError as exc:
-        log.warning("registry.bad_entry", error=exc.message)
-        return None
-
-
 class Registry(Part):
-    """The manifests announced for one host, kept current by a KV watch."""
+    """The manifests one host loaded; `start` writes the entries of the plugins it runs into the bucket."""
 
-    def __init__(self, nc: Client, subjects: Subjects):
+    def __init__(self, nc: Client, subjects: Subjects, manifests: Mapping[str, Manifest],
+                 running: Mapping[str, Manifest] | None = None):
         self._nc = nc
-        self._js = nc.jetstream()
         self._subjects = subjects
-        self._manifests: dict[str, Manifest] = {}
-        self._kv: KeyValue | None = None
-        self._watcher: KeyValue.KeyWatcher | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._manifests = dict(manifests)
+        self._running = dict(manifests if running is None else running)
 
     async def start(self) -> None:
-        self._kv = await open_bucket(self._js, self._subjects)
-        self._watcher = await self._kv.watch(registry_key(self._subjects.host, "*"))
-        self._task = asyncio.create_task(self._follow(self._watcher), name="registry-watch")
+        for manifest in sorted(self._running.values(), key=lambda m: m.name):
+            await self._write(manifest)
 
-    async def stop(self) -> None:
-        if self._watcher is not None:
-            with contextlib.suppress(Exception):
-                await self._watcher.stop()  # type: ignore[no-untyped-call]
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    async def add(self, manifest: Manifest) -> None:
+        """A plugin the agent loaded while running (started by a config change, or run by hand)."""
+        self._manifests[manifest.name] = self._running[manifest.name] = manifest
+        await self._write(manifest)
 
-    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
-        async for entry in watcher:
-            if entry is None:  # end of the initial replay
-                continue
-            plugin = entry.key.split(".", 1)[1]
-            manifest = _parse(entry.value) if entry.operation is None else None
-            if manifest is None:
-                self._manifests.pop(plugin, None)
-                log.info("registry.removed", plugin=plugin)
-            else:
-                known = self._manifests.get(plugin)
-                self._manifests[plugin] = manifest
-                if known is None or known.version != manifest.version:
-                    log.info("registry.announced", plugin=plugin, version=manifest.version)
+    async def _write(self, manifest: Manifest) -> None:
+        kv = await open_bucket(self._nc.jetstream(), self._subjects)
+        entry = RegistryEntry.of(self._subjects.host, manifest)
+        await kv.put(registry_key(self._subjects.host, manifest.name), entry.to_json())
+        log.info("registry.written", plugin=manifest.name, version=manifest.version)
 
-    def cached(self, plugin: str) -> Manifest | None:
+    def get(self, plugin: str) -> Manifest | None:
+        """The manifest of `plugin` as this host loaded it, or None."""
         return self._manifests.get(plugin)
-
-    async def get(self, plugin: str) -> Manifest | None:
-        """The manifest of `plugin`; on a miss asks the bucket, which the watch may not have caught up with."""
-        found = self._manifests.get(plugin)
-        if found is not None or self._kv is None:
-            return found
-        try:
-            entry = await self._kv.get(registry_key(self._subjects.host, plugin))
-        except KeyNotFoundError:
-            return None
-        manifest = _parse(entry.value)
-        if manifest is not None:
-            self._manifests[plugin] = manifest
-        return manifest
 
     def names(self) -> list[str]:
         return sorted(self._manifests)
+
+    def all(self) -> dict[str, Manifest]:
+        return dict(self._manifests)

@@ -19,7 +19,14 @@ import bcrypt
 
 from tuxpilot.protocol.launch import CredentialFile
 from tuxpilot.protocol.manifest import Manifest
-from tuxpilot.protocol.names import Names, Subjects, inbox_prefix, operator_consumer_name, plugin_consumer_name
+from tuxpilot.protocol.names import (
+    GATE_SERVICE,
+    Names,
+    Subjects,
+    inbox_prefix,
+    operator_consumer_name,
+    plugin_consumer_name,
+)
 
 # Every password is 24 random bytes (192 bits): no guess gets anywhere near it, so bcrypt's work factor,
 # which protects guessable passwords, buys nothing here, and the server pays it on every connection.
@@ -61,7 +68,8 @@ def agent_user(subjects: Subjects) -> User:
         publish=[
             f"{p}.evt.{h}.>",
             f"{p}.metrics.{h}",
-            f"{p}.act.{h}.>",
+            # Only the agent (its gate) reaches the plugins' private execution endpoints.
+            f"{p}.exec.{h}.>",
             f"{p}.result.{h}.>",
             # Replies to its operator's requests: allow_responses alone is not enough there, the server
             # forgets which replies it allowed when it reloads the authorization, as loading a plugin does.
@@ -69,19 +77,23 @@ def agent_user(subjects: Subjects) -> User:
             "$JS.API.>",  # streams, consumers and buckets for this host's TuxPilot
             "$JS.ACK.>",
             "$JS.FC.>",  # flow-control replies: without them a KV watch or listing stalls
-            *(f"$KV.{bucket}.>" for bucket in (names.executions, names.cooldowns, f"{subjects.bucket_prefix}_plugins",
+            *(f"$KV.{bucket}.>" for bucket in (names.executions, names.cooldowns, names.plugins,
                                                names.plugin_state)),
             "$SRV.PING",
         ],
         subscribe=[
             f"{inbox_prefix(name)}.>",
             f"{p}.evt.{h}.>",
-            f"{p}.proposal.{h}",
+            subjects.proposals(),
             f"{p}.result.{h}.>",
             subjects.agent_control("*"),  # the operator's requests to this agent (loading a plugin run by hand)
+            # The gate serves the public action endpoints as the micro service `tuxpilot-gate`.
+            f"{p}.act.{h}.>",
+            *_srv(GATE_SERVICE),
             "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>",
         ],
-        allow_responses=True,  # it answers the requests it may receive, and only those
+        # It answers the requests it may receive, and only those: operators' calls, discovery, loads.
+        allow_responses=True,
     )
 
 
@@ -90,20 +102,20 @@ def plugin_user(subjects: Subjects, manifest: Manifest) -> User:
     names, name = Names.of(subjects), f"tuxpilot-{h}-plugin-{n}"
     consumer = plugin_consumer_name(n, h)
     publish = [
-        f"{p}.proposal.{h}",
+        # Its own proposal subject only: the gate reads the proposer from it.
+        subjects.proposal(n),
         *(f"{p}.evt.{h}.{category}.*" for category in manifest.emits),
-        # Its own durable consumer (created by the agent from the manifest) and its registry key.
+        # Its own durable consumer, created by the agent from the manifest. No KV or stream writes: the
+        # registry bucket is the agent's to write.
         f"$JS.API.CONSUMER.INFO.{names.events}.{consumer}",
         f"$JS.API.CONSUMER.MSG.NEXT.{names.events}.{consumer}",
         f"$JS.ACK.{names.events}.{consumer}.>",
         f"$JS.API.STREAM.INFO.{names.events}",
-        f"$JS.API.STREAM.INFO.KV_{subjects.bucket_prefix}_plugins",
-        f"$KV.{subjects.bucket_prefix}_plugins.{h}.{n}",
     ]
     subscribe = [
         f"{inbox_prefix(name)}.>",
-        f"{p}.act.{h}.{n}.>",
-        f"{p}.exec.{h}.{n}.>",  # the private execution endpoints (protocol v1)
+        # Its private execution endpoints, which only the agent's user may publish to.
+        f"{p}.exec.{h}.{n}.>",
         *(f"{p}.evt.{h}.{pattern}" for pattern in manifest.subscribes),
         # What the manifest's `reads` names, of this host only.
         *({"results": subjects.results(h), "metrics": subjects.metrics()}[r] for r in manifest.reads),

@@ -1,4 +1,5 @@
-"""The registry bucket: where each host's plugin entries are kept, and who answers `$SRV.PING`."""
+"""The registry bucket: where each host's plugin entries are kept (written by the agent only), and who
+answers `$SRV.PING`."""
 
 from __future__ import annotations
 
@@ -12,9 +13,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 
-from tuxpilot.protocol.manifest import Manifest
-from tuxpilot.protocol.names import Names, Subjects, registry_key
-from tuxpilot.protocol.registry import RegistryEntry
+from tuxpilot.protocol.names import Names, Subjects
 
 
 async def open_bucket(js: JetStreamContext, subjects: Subjects, replicas: int = 1) -> KeyValue:
@@ -25,11 +24,6 @@ async def open_bucket(js: JetStreamContext, subjects: Subjects, replicas: int = 
     except BucketNotFoundError:
         return await js.create_key_value(bucket=name, history=1, description="TuxPilot plugin manifests",
                                          replicas=replicas)
-
-
-async def announce(js: JetStreamContext, subjects: Subjects, manifest: Manifest, instance: str) -> None:
-    kv = await open_bucket(js, subjects)
-    await kv.put(registry_key(subjects.host, manifest.name), RegistryEntry.of(subjects.host, manifest).to_json())
 
 
 async def live_instances(
@@ -54,7 +48,8 @@ async def live_instances(
             with contextlib.suppress(ValueError, AttributeError):
                 ping = json.loads(msg.data)
                 meta = ping.get("metadata") or {}
-                if meta.get("tuxpilot") and (host is None or meta.get("host") == host):
+                # Plugins only: the gates' own service (`tuxpilot-gate`) answers the same ping.
+                if meta.get("tuxpilot") == "plugin" and (host is None or meta.get("host") == host):
                     found.append(ping)
     finally:
         await sub.unsubscribe()

@@ -42,11 +42,29 @@ class Subjects:
     def metrics(self, host: str | None = None) -> str:
         return f"{self.prefix}.metrics.{host or self.host}"
 
-    def proposal(self, host: str | None = None) -> str:
-        return f"{self.prefix}.proposal.{host or self.host}"
+    def proposal(self, plugin: str, host: str | None = None) -> str:
+        """One plugin's proposals: nats-server lets each plugin's user publish only on its own."""
+        return f"{self.prefix}.proposal.{host or self.host}.{plugin}"
+
+    def proposals(self, host: str | None = None) -> str:
+        """Every plugin's proposals on one host (`*` for every host): what the gate consumes."""
+        return f"{self.prefix}.proposal.{host or self.host}.*"
+
+    def proposer(self, subject: str) -> str | None:
+        """The plugin a proposal came from, read from the subject nats-server let it publish on."""
+        head = f"{self.prefix}.proposal."
+        if not subject.startswith(head):
+            return None
+        tokens = subject[len(head):].split(".")
+        return tokens[1] if len(tokens) == 2 and tokens[1] else None
 
     def act(self, plugin: str, action: str, host: str | None = None) -> str:
+        """The PUBLIC action endpoint, served by the host's gate: operators, rules and schedules call it."""
         return f"{self.prefix}.act.{host or self.host}.{plugin}.{action}"
+
+    def exec(self, plugin: str, action: str, host: str | None = None) -> str:
+        """The PRIVATE execution endpoint a plugin serves; only the agent's user may publish to it."""
+        return f"{self.prefix}.exec.{host or self.host}.{plugin}.{action}"
 
     def result(self, plugin: str, action: str, host: str | None = None) -> str:
         return f"{self.prefix}.result.{host or self.host}.{plugin}.{action}"
@@ -116,9 +134,30 @@ def cooldown_key(host: str, key: str) -> str:
     return f"{host}.{hashlib.sha256(key.encode()).hexdigest()[:40]}"
 
 
+INBOX_HEAD = "_INBOX_"
+# The micro service every host's gate runs for the public action endpoints; its queue group is per host.
+GATE_SERVICE = "tuxpilot-gate"
+
+
+def gate_queue(host: str) -> str:
+    return f"{GATE_SERVICE}-{host}"
+
+
 def inbox_prefix(user: str) -> str:
     """Each user's own reply inboxes, so that permissions can keep others out of them."""
-    return "_INBOX_" + "".join(c if c.isalnum() or c in "-_" else "_" for c in user)
+    return INBOX_HEAD + "".join(c if c.isalnum() or c in "-_" else "_" for c in user)
+
+
+def caller_of(reply: str | None) -> str | None:
+    """The user whose reply inbox `reply` is (`_INBOX_<user>.…`), or None for any other reply subject.
+
+    nats-server lets each user subscribe only to its own inbox prefix, so a caller that names another
+    user's inbox never sees the reply; see the README's Security section for what this proves.
+    """
+    if not reply or not reply.startswith(INBOX_HEAD):
+        return None
+    user = reply[len(INBOX_HEAD):].split(".", 1)[0]
+    return user or None
 
 
 def registry_key(host: str, plugin: str) -> str:

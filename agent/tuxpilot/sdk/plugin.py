@@ -10,8 +10,9 @@
     def top(params, ctx):                   # plain functions run in a worker thread
         return {"processes": [...]}          # -> {"status": "ok", "data": {...}}
 
-Actions are NATS micro endpoints on `tuxpilot.act.<host>.<plugin>.<action>` in a queue group named
-after the plugin, so replicas share the load and `nats micro ls` finds them.
+Actions are NATS micro endpoints on the private `tuxpilot.exec.<host>.<plugin>.<action>`, which only
+the agent's gate may publish to, in a queue group named after the plugin, so replicas share the load
+and `nats micro ls` finds them. Everyone else calls the gate's public `tuxpilot.act.…` endpoint.
 """
 
 from __future__ import annotations
@@ -43,10 +44,17 @@ from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 from nats.micro.service import EndpointStats, Service
 
 from tuxpilot.bus import connect as bus
-from tuxpilot.bus import registry, streams
+from tuxpilot.bus import streams
 from tuxpilot.bus.consumer import Durable, redelivery_delay
 from tuxpilot.protocol import schemas
-from tuxpilot.protocol.errors import BadRequest, ConfigError, Forbidden, PayloadTooLarge, TuxPilotError, error_doc
+from tuxpilot.protocol.errors import (
+    ConfigError,
+    Conflict,
+    Forbidden,
+    PayloadTooLarge,
+    TuxPilotError,
+    error_doc,
+)
 from tuxpilot.protocol.manifest import Manifest
 from tuxpilot.protocol.manifest import load as load_manifest
 from tuxpilot.protocol.models import Event, Proposal, ProposedAction, Result, new_id
@@ -57,6 +65,7 @@ from tuxpilot.sdk.settings import PluginProcessSettings, load_plugin_settings
 MAX_PARAMS_BYTES = 256 * 1024
 # Replies kept by action id, so a re-sent request is answered without running the action again.
 REMEMBERED_REPLIES = 10_000
+PLUGIN_KIND = "plugin"  # the `tuxpilot` key of a plugin instance's micro service metadata
 
 
 class ActionError(TuxPilotError):
@@ -135,12 +144,7 @@ async def _call(fn: Callable[..., Any], *args: Any) -> Any:
 
 def parse_params(raw: bytes, limit: int = MAX_PARAMS_BYTES) -> dict[str, Any]:
     """A request body as action params: empty means no params; anything else must be a JSON object."""
-    if not raw.strip():
-        return {}
-    doc = schemas.parse(raw, what="params", limit=limit)
-    if not isinstance(doc, dict):
-        raise BadRequest(f"params must be a JSON object, not {type(doc).__name__}")
-    return doc
+    return schemas.parse_params(raw, limit)
 
 
 def with_defaults(schema: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
@@ -319,7 +323,8 @@ class _Running:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     consumer: Durable | None = None
     counts: dict[str, dict[str, float]] = field(default_factory=dict)
-    replies: OrderedDict[str, asyncio.Future[tuple[bytes, dict[str, str] | None]]] = field(
+    # By action id: the action it ran, and its reply (or the run still under way).
+    replies: OrderedDict[str, tuple[str, asyncio.Future[tuple[bytes, dict[str, str] | None]]]] = field(
         default_factory=OrderedDict
     )
 
@@ -338,15 +343,19 @@ class _Running:
         self.log = structlog.get_logger("tuxpilot.plugin").bind(plugin=p.name, host=self.subjects.host)
         for fn in p._on_start:
             await _call(fn, self.context())
-        await registry.announce(self.nc.jetstream(), self.subjects, p.manifest, self.instance)
+        # The announcement is this service's `$SRV.INFO` metadata; the registry bucket is the agent's
+        # to write, from the manifests it loaded itself.
         self.service = await add_service(
             self.nc,
             name=p.name,
             version=p.manifest.version,
             description=p.manifest.description[:256],
             metadata={
-                "tuxpilot": "plugin",
+                "tuxpilot": PLUGIN_KIND,
                 "host": self.subjects.host,
+                "plugin": p.name,
+                "version": p.manifest.version,
+                "instance": self.instance,
                 "api_version": p.manifest.api_version,
                 # Who this instance really runs as, for `tuxpilot status` (root under a root agent: unconfined).
                 "user": _user_name(),
@@ -360,7 +369,7 @@ class _Running:
                 self.log.warning("plugin.action_without_handler", action=name)
                 continue
             await self.service.add_endpoint(
-                name=name, subject=self.subjects.act(p.name, name), handler=self._endpoint(name)
+                name=name, subject=self.subjects.exec(p.name, name), handler=self._endpoint(name)
             )
         if p.manifest.subscribes:
             # One durable consumer per plugin and host, shared by its replicas: each event is
@@ -433,7 +442,7 @@ class _Running:
         if proposal is None:
             return None
         await self.nc.jetstream().publish(
-            self.subjects.proposal(), proposal.to_json(), headers={MSG_ID_HEADER: proposal.id}
+            self.subjects.proposal(self.plugin.name), proposal.to_json(), headers={MSG_ID_HEADER: proposal.id}
         )
         ctx.log.debug("plugin.proposed", actions=[a.action for a in proposal.actions], proposal_id=proposal.id)
         return proposal
@@ -453,20 +462,27 @@ class _Running:
         try:
             headers = req.headers or {}
             given = headers.get(ACTION_ID_HEADER)
-            if given is None:  # an operator's request: every one is new
+            if given is None:  # only the gate reaches this endpoint, and it always names the action
                 body, reply_headers = await self._run_action(req, action, new_id(), headers)
             else:
                 # The gate re-sends a request whose reply a reconnect may have lost: the same action
                 # id gets the first run's reply (or waits for it), never a second run.
-                reply = self.replies.get(given)
-                if reply is None:
+                known = self.replies.get(given)
+                if known is None:
                     reply = asyncio.ensure_future(self._run_action(req, action, given, headers))
-                    self.replies[given] = reply
+                    self.replies[given] = (action, reply)
                     if len(self.replies) > REMEMBERED_REPLIES:
                         self.replies.popitem(last=False)
+                    body, reply_headers = await asyncio.shield(reply)
+                elif known[0] != action:
+                    # A replay answers the same action only: another action's reply is never handed out.
+                    self.log.warning("action.id_reused", action=action, action_id=given, first_action=known[0])
+                    body, reply_headers = _error_reply(Conflict(
+                        f"action id {given} was used for {known[0]}; it cannot be reused for {action}"
+                    ))
                 else:
                     self.log.info("action.replayed", action=action, action_id=given)
-                body, reply_headers = await asyncio.shield(reply)
+                    body, reply_headers = await asyncio.shield(known[1])
             if len(body) > self.nc.max_payload - 1024:
                 # A reply the server would refuse would leave the caller waiting for nothing.
                 too_large = PayloadTooLarge(
