@@ -37,6 +37,7 @@ pytestmark = pytest.mark.slow
 
 HOST = "trust-host"
 TEST_PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
+BENCH_PLUGINS = Path(__file__).resolve().parents[2] / "benchmarks"  # noop, the bench's plugin
 RATE, RATE_WINDOW_S = 300, 4
 
 
@@ -53,7 +54,7 @@ class Up:
             "TUXPILOT_HOST_ID": HOST,
             "TUXPILOT_MONITOR_ENABLED": "false",
             "TUXPILOT_RUN_PLUGINS": "sysmon,noop,tmpclean",
-            "TUXPILOT_PLUGIN_DIRS": json.dumps([str(TEST_PLUGINS)]),
+            "TUXPILOT_PLUGIN_DIRS": json.dumps([str(TEST_PLUGINS), str(BENCH_PLUGINS)]),
             "TUXPILOT_PLUGINS": json.dumps({"tmpclean": {"config": {"dir": str(self.tmp)}}}),
             "TUXPILOT_GATE_COOLDOWN_S": "0",
             "TUXPILOT_GATE_PROPOSAL_RATE": str(RATE),
