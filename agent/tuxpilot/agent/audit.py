@@ -6,7 +6,7 @@ import asyncio
 import json
 import re
 from datetime import datetime, timedelta
-from typing import Any, get_args
+from typing import Any
 
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeout
@@ -33,7 +33,7 @@ def parse_since(text: str) -> datetime:
     return when
 
 
-STATUSES: tuple[str, ...] = get_args(Status)
+STATUSES: tuple[str, ...] = tuple(s.value for s in Status)
 # Records asked of the server at once, and how long one batch may take to arrive.
 BATCH = 1000
 BATCH_TIMEOUT_S = 5.0

@@ -33,7 +33,7 @@ def call(
     params: Annotated[str, typer.Argument(help="JSON object of params.")] = "{}",
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the reply.")] = 10.0,
 ) -> None:
-    """Call an action directly, as `nats req tuxpilot.act.HOST.PLUGIN.ACTION PARAMS` would."""
+    """Call an action through the host's gate, checked and audited like `nats req tuxpilot.act.HOST.PLUGIN.ACTION`."""
     config = config_of(ctx)
     subjects = Subjects.of(config)
     if any(c in token for token in (host, plugin, action) for c in "*>. "):
