@@ -327,3 +327,23 @@ def test_rate_windows_admit_the_limit_and_summarise_the_rest_once() -> None:
     [summary] = rates.due(at=106.0)
     assert (summary.plugin, summary.dropped, summary.first_dropped, summary.last_dropped) == ("p", 990, "id10", "id999")
     assert rates.due(at=200.0) == [] and rates.admit("p", "new", at=200.0, limit=10, window_s=5)
+
+
+async def test_an_operator_call_passes_the_steps_cooldown_only_when_configured(rig: Rig) -> None:
+    echo = "tuxpilot.act.test-host.demo.echo"
+    rig.config.gate.cooldown_s = 60
+    first = await rig.nc.request(echo, b'{"word": "a"}', timeout=5)
+    again = await rig.nc.request(echo, b'{"word": "a"}', timeout=5)
+    assert [json.loads(r.data)["status"] for r in (first, again)] == ["ok", "ok"]  # proposals' pacing only
+    rig.config.gate.operator_cooldowns = True
+    await rig.nc.request(echo, b"{}", timeout=5)
+    paced = await rig.nc.request(echo, b"{}", timeout=5)
+    assert paced.headers is not None and paced.headers["Nats-Service-Error-Code"] == "429"
+    assert json.loads(paced.data)["code"] == "cooldown"
+    rig.config.gate.dry_run = True
+    rig.config.gate.operator_cooldowns = False
+    dry = await rig.nc.request(echo, b"{}", timeout=5)
+    assert json.loads(dry.data)["status"] == "dry_run" and not (dry.headers or {}).get("Nats-Service-Error-Code")
+    refused = await rig.nc.request("tuxpilot.act.test-host.demo.reboot", b"{}", timeout=5)
+    assert json.loads(refused.data)["code"] == "permission_not_granted"
+    assert rig.calls == ["echo", "echo", "echo"]
