@@ -323,10 +323,14 @@ def test_rate_windows_admit_the_limit_and_summarise_the_rest_once() -> None:
     admitted = [rates.admit("p", f"id{i}", at=100.0 + i * 0.001, limit=10, window_s=5) for i in range(1000)]
     assert admitted.count(True) == 10
     assert rates.admit("other", "x", at=100.5, limit=10, window_s=5)  # another plugin is not held back
-    assert rates.due(at=104.0) == []  # the window is not over
-    [summary] = rates.due(at=106.0)
+    assert rates.due(now=108.0) == []  # the window is not over (and a window's grace after it)
+    [summary] = rates.due(now=111.0)
     assert (summary.plugin, summary.dropped, summary.first_dropped, summary.last_dropped) == ("p", 990, "id10", "id999")
-    assert rates.due(at=200.0) == [] and rates.admit("p", "new", at=200.0, limit=10, window_s=5)
+    # A gate far behind still finds proposals stored in that window: counted against it, not admitted anew.
+    assert not rates.admit("p", "late", at=103.0, limit=10, window_s=5)
+    [again] = rates.due(now=112.0)
+    assert (again.dropped, again.summaries) == (1, 1)
+    assert rates.due(now=200.0) == [] and rates.admit("p", "new", at=200.0, limit=10, window_s=5)
 
 
 async def test_an_operator_call_passes_the_steps_cooldown_only_when_configured(rig: Rig) -> None:

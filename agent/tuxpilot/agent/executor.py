@@ -94,10 +94,11 @@ class Executor(Generic[T]):
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[Msg] = loop.create_future()
         self._waiting[token] = reply
-        resends = 0
+        resends, send = 0, True
         try:
             while True:
-                await self.nc.publish(subject, body, reply=f"{self.prefix}.{token}", headers=headers)
+                if send:
+                    await self.nc.publish(subject, body, reply=f"{self.prefix}.{token}", headers=headers)
                 # One future, woken by the reply, the deadline or `_watch_link` on a reconnect: a task and
                 # `asyncio.wait` for each request cost ~13 µs of CPU per action.
                 woken: asyncio.Future[None] = loop.create_future()
@@ -116,10 +117,14 @@ class Executor(Generic[T]):
                     if no_responders(msg):
                         raise NoRespondersError
                     return msg
-                if not reconnected or resends >= RESEND_ATTEMPTS:
+                if not reconnected:
                     raise TimeoutError
-                resends += 1
-                log.info("gate.request_resent", action_id=token, subject=subject, attempt=resends)
+                # Woken by a reconnect: the request or its reply may have been lost with the old link.
+                # Sent again a few times (the plugin replays the same action id); then only waited for.
+                send = resends < RESEND_ATTEMPTS
+                if send:
+                    resends += 1
+                    log.info("gate.request_resent", action_id=token, subject=subject, attempt=resends)
         finally:
             self._waiting.pop(token, None)
 

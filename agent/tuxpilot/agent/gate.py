@@ -225,7 +225,10 @@ class Gate(Part):
         window_s = self.config.gate.proposal_rate_window_s
         # Counted once, at its first delivery: a proposal back-pressure made wait is not a new one.
         first = msg.metadata.num_delivered <= 1
-        if first and not self.rates.admit(proposer, proposal_ref, time.monotonic(), limit, window_s):
+        # The rate is the plugin's publishing rate: measured at the time the server stored each proposal,
+        # not when the gate gets to it (a gate that falls behind would otherwise never see a flood).
+        stored = msg.metadata.timestamp.timestamp() if msg.metadata.timestamp else time.time()
+        if first and not self.rates.admit(proposer, proposal_ref, stored, limit, window_s):
             # Over the plugin's rate: not decided, not recorded one by one (the window's summary says it).
             await msg.ack()
             return
@@ -485,13 +488,13 @@ class Gate(Part):
     async def _summarise_rates(self) -> None:
         while True:
             await asyncio.sleep(RATE_SUMMARY_POLL_S)
-            for window in self.rates.due(time.monotonic()):
+            for window in self.rates.due(time.time()):
                 await self._record_rate_summary(window)
 
     async def _record_rate_summary(self, window: Window) -> None:
-        started = datetime.now(UTC).timestamp() - (time.monotonic() - window.start)
+        started = window.start
         result = Result(
-            id=f"rate-{window.plugin}-{int(started)}"[:128],
+            id=f"rate-{window.plugin}-{int(started)}-{window.summaries}"[:128],
             status=Status.refused,
             reason=Reason.rate_limited,
             message=(f"{window.dropped} proposals of {window.plugin} beyond its limit of {window.limit} per "
