@@ -37,25 +37,22 @@ def operator_permissions(subjects: Subjects) -> tuple[list[str], list[str]]:
 
 
 def plugin_permissions(subjects: Subjects) -> tuple[list[str], list[str]]:
-    """A plugin named by its user: its own proposals, durable consumer, registry key and action
-    endpoint. It reads its host's events; unlike a single host it may emit none (the categories a
-    manifest may emit are not part of a key's template)."""
+    """A plugin named by its user: its own proposal subject, durable consumer and private execution
+    endpoint, as on a single host: no bucket key (the registry is the agent's to write) and not the
+    public `act` endpoint (only the gate serves it). It reads its host's events; unlike a single host it
+    may emit none (the categories a manifest may emit are not part of a key's template)."""
     p, h = subjects.prefix, subjects.host
     names = Names.of(subjects)
     consumer = f"{NAME}-{h}"  # plugin_consumer_name(plugin, host)
     publish = [
-        f"{p}.proposal.{h}",
         f"{p}.proposal.{h}.{NAME}",
         f"$JS.API.CONSUMER.INFO.{names.events}.{consumer}",
         f"$JS.API.CONSUMER.MSG.NEXT.{names.events}.{consumer}",
         f"$JS.ACK.{names.events}.{consumer}.>",
         f"$JS.API.STREAM.INFO.{names.events}",
-        f"$JS.API.STREAM.INFO.KV_{subjects.bucket_prefix}_plugins",
-        f"$KV.{subjects.bucket_prefix}_plugins.{h}.{NAME}",
     ]
     subscribe = [
         f"{inbox_prefix(f'tuxpilot-{h}-plugin-')}{NAME}.>",
-        f"{p}.act.{h}.{NAME}.>",
         f"{p}.exec.{h}.{NAME}.>",
         f"{p}.evt.{h}.>",
         *(f"$SRV.{verb}{suffix}" for verb in ("PING", "INFO", "STATS") for suffix in ("", f".{NAME}", f".{NAME}.*")),
