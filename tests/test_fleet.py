@@ -140,6 +140,14 @@ async def test_plugin_kept_to_its_own_endpoint(
         await evil.publish("tuxpilot.proposal.web-1.sysmon", b"{}")
         await evil.flush()
         await until(lambda: any("tuxpilot.proposal.web-1.sysmon" in str(e) for e in errors), 5, "refused proposal")
+        # No bucket key at all, its own included (a `Nats-Rollup: all` there would wipe the registry), and
+        # not the public endpoint the gate serves.
+        await evil.publish("$KV.tuxpilot_plugins.web-1.evil", b"{}", headers={"Nats-Rollup": "all"})
+        await evil.subscribe("tuxpilot.act.web-1.evil.ping", cb=answer)
+        await evil.flush()
+        for refused in ('publish to "$kv.tuxpilot_plugins.web-1.evil"',
+                        'subscription to "tuxpilot.act.web-1.evil.ping"'):
+            await until(lambda text=refused: any(text in str(e).lower() for e in errors), 5, refused)
     finally:
         await evil.close()
         await agent.close()
