@@ -14,6 +14,7 @@ import asyncio
 import json
 import re
 import shutil
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,12 +62,18 @@ class Implementation:
     runtime: str  # the manifest runtime the host starts it with
     entry_point: str
     programs: tuple[str, ...] = ()  # what must be on PATH to run it (e.g. node)
+    build: tuple[str, ...] = ()  # a command run in the copied folder before the host loads it
+    manifest_extra: str = ""  # appended to the test manifest
 
 
 IMPLEMENTATIONS = [
     Implementation("python", HERE / "python", runtime="python", entry_point="plugin.py"),
     # The JS SDK (sdk/js), linked as `js/sdk`; the host installs it from js/package-lock.json.
     Implementation("javascript", HERE / "js", runtime="javascript", entry_point="plugin.js", programs=("node", "npm")),
+    # C compiled to WebAssembly (guests/c); its counters need the one instance the manifest opts into.
+    Implementation("wasm", HERE / "wasm", runtime="wasm", entry_point="plugin.wasm", programs=("clang",),
+                   build=("sh", str(HERE / "wasm" / "build.sh"), "plugin.wasm"),
+                   manifest_extra="\n[config]\nsandbox_keep_state = true\n"),
 ]
 
 
@@ -74,7 +81,7 @@ def manifest_text(impl: Implementation) -> str:
     """The test manifest, with the implementation's runtime and entry point."""
     text = MANIFEST.read_text()
     text = re.sub(r'(?m)^runtime = ".*"$', f'runtime = "{impl.runtime}"', text)
-    return re.sub(r'(?m)^entry_point = ".*"$', f'entry_point = "{impl.entry_point}"', text)
+    return re.sub(r'(?m)^entry_point = ".*"$', f'entry_point = "{impl.entry_point}"', text) + impl.manifest_extra
 
 
 @pytest.fixture(params=IMPLEMENTATIONS, ids=lambda impl: impl.name)
@@ -86,6 +93,8 @@ def implementation(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
     folder = tmp_path / "plugins" / PLUGIN
     shutil.copytree(impl.folder, folder, ignore=shutil.ignore_patterns("__pycache__", "node_modules"))
     (folder / "plugin.toml").write_text(manifest_text(impl))
+    if impl.build:
+        subprocess.run([*impl.build], cwd=folder, check=True, timeout=300)
     return folder
 
 

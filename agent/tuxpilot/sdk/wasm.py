@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
@@ -288,9 +289,22 @@ def guest_plugin(folder: Path, manifest: Manifest, sandbox: Sandbox) -> Plugin:
     plugin = Plugin(manifest, folder)
     for name, spec in manifest.actions.items():
         plugin.action(name)(_action(sandbox, name, spec.timeout_s or DEFAULT_TIMEOUT_S))
-    if manifest.subscribes:
-        plugin.on("*")(_on_event(sandbox))
+    handle = _on_event(sandbox)
+    for i, pattern in enumerate(manifest.subscribes):
+        # One handler per subscribed pattern, each skipping events an earlier pattern already took: an
+        # event matching two patterns reaches the guest once.
+        earlier = manifest.subscribes[:i]
+        plugin.on(pattern)(_first_match(handle, earlier))
     return plugin
+
+
+def _first_match(handle: Any, earlier: list[str]) -> Any:
+    def run(event: Event, ctx: Context) -> list[ProposedAction]:
+        if any(fnmatch.fnmatchcase(event.type, p) for p in earlier):
+            return []
+        return handle(event, ctx)  # type: ignore[no-any-return]
+
+    return run
 
 
 def _action(sandbox: Sandbox, name: str, timeout_s: float) -> Any:
@@ -314,6 +328,10 @@ def _on_event(sandbox: Sandbox) -> Any:
     def handle(event: Event, ctx: Context) -> list[ProposedAction]:
         request = {"kind": "event", "event": event.model_dump(mode="json"), "config": ctx.config, "host": ctx.host}
         doc = _reply(sandbox.call(json.dumps(request).encode(), DEFAULT_TIMEOUT_S))
+        error = doc.get("error")
+        if error is not None:  # the handler failed: the SDK naks, and the event comes back after its backoff
+            message = error.get("message") if isinstance(error, dict) else None
+            raise ActionError(f"the guest's event handler failed: {str(message)[:1000]}", code="plugin_fault")
         wanted = doc.get("propose") or []
         if not isinstance(wanted, list):
             raise PluginFault("the guest's `propose` is not a list")
