@@ -269,3 +269,12 @@ def test_diskpolicy_builds_from_source_and_plans_a_cleanup(tmp_path: Path) -> No
                                                "config": {}}).encode()))
     assert proposed == {"propose": [{"action": "plan_cleanup", "params": {"mount": "/", "used_pct": 93.0},
                                      "reason": "/ is 93% full"}]}
+
+
+def test_the_runtimes_benchmark_prints_python_and_wasm_side_by_side() -> None:
+    import sys
+
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "runtimes.py"), "20"], capture_output=True,
+                         text=True, timeout=300, check=True).stdout
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:]}
+    assert set(rows) == {"python", "wasm"} and all(len(v) == 3 for v in rows.values()), out
