@@ -232,3 +232,105 @@ async def test_join_an_agent_and_its_plugin_to_a_running_fleet(tmp_path: Path) -
                 await operator.close()
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def fleet_of_three(tmp_path: Path, fleet_dir: Path, fleet_server: NatsServer,
+                         sys_nc: Client) -> AsyncIterator[dict[str, Agent]]:
+    """Three agents as separate hosts (own host id, credential, state dir) on one server; `ghost` is
+    enrolled but never runs."""
+    labels = {"web-1": "web", "web-2": "web", "db-1": "db", "ghost": "db"}
+    for host, role in labels.items():
+        fleet, _ = admin.enroll(fleet_dir, host, {"role": role})
+    await admin.push(sys_nc, fleet)
+    agents: dict[str, Agent] = {}
+    try:
+        for host in ("web-1", "web-2", "db-1"):
+            config = load_config(environ={
+                "TUXPILOT_NATS_URL": fleet_server.url, "TUXPILOT_HOST_ID": host,
+                "TUXPILOT_STATE_DIR": str(tmp_path / f"state-{host}"), "TUXPILOT_MONITOR_ENABLED": "false",
+                "TUXPILOT_FLEET_ENROLLMENT": str(fleet_dir / "hosts" / f"{host}.json"),
+                "TUXPILOT_FLEET_LABELS": json.dumps({"role": labels[host]}),
+            })
+            agents[host] = Agent(config, embedded=False)
+            await agents[host].start()
+        yield agents
+    finally:
+        for agent in agents.values():
+            await agent.stop()
+
+
+def fleet_cli(server: NatsServer, fleet_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_cli("call", *args, "--fleet-dir", str(fleet_dir), "--timeout", "15",
+                   env={"TUXPILOT_NATS_URL": server.url, "TUXPILOT_NATS_CREDS": str(fleet_dir / "admin.creds"),
+                        "TUXPILOT_HOST_ID": "admin", "TUXPILOT_CONFIG": os.devnull})
+
+
+async def wait_for_sysmon(server: NatsServer, fleet_dir: Path, hosts: list[str]) -> None:
+    nc = await connect_creds(server, fleet_dir / "admin.creds")
+    try:
+        for host in hosts:
+            for _ in range(200):
+                try:
+                    await nc.request(f"tuxpilot.act.{host}.sysmon.top_processes", b"{}", timeout=10)
+                    break
+                except NoRespondersError:
+                    await asyncio.sleep(0.1)
+    finally:
+        await nc.close()
+
+
+@pytest.mark.slow
+async def test_fleet_wide_call_targets_hosts_and_labels_and_names_the_silent(
+    fleet_dir: Path, fleet_server: NatsServer, fleet_of_three: dict[str, Agent]
+) -> None:
+    await wait_for_sysmon(fleet_server, fleet_dir, list(fleet_of_three))
+    every = await asyncio.to_thread(fleet_cli, fleet_server, fleet_dir, "--all", "sysmon", "top_processes")
+    assert every.returncode == 1, every.stdout + every.stderr  # ghost never answers
+    for host in ("web-1", "web-2", "db-1"):
+        assert host in every.stdout
+    assert "3 of 4 targeted host(s) answered; no answer from: ghost" in every.stdout
+    webs = await asyncio.to_thread(fleet_cli, fleet_server, fleet_dir, "--hosts", "web-*", "sysmon", "top_processes")
+    assert webs.returncode == 0, webs.stdout + webs.stderr
+    assert "2 of 2 targeted host(s) answered" in webs.stdout and "db-1" not in webs.stdout
+    dbs = await asyncio.to_thread(fleet_cli, fleet_server, fleet_dir, "--label", "role=db", "sysmon",
+                                  "top_processes", '{"limit": 3}')
+    assert "1 of 2 targeted host(s) answered; no answer from: ghost" in dbs.stdout, dbs.stdout + dbs.stderr
+    assert "web-1" not in dbs.stdout and "db-1" in dbs.stdout
+    # Each host's gate checked and audited the call like any other: bad params refused, recorded per host.
+    bad = await asyncio.to_thread(fleet_cli, fleet_server, fleet_dir, "--hosts", "web-1", "sysmon",
+                                  "top_processes", '{"limit": "many"}')
+    assert bad.returncode == 1 and "web-1" in bad.stdout and "ok" not in bad.stdout.split("web-1", 1)[1].split()[0]
+    nc = await connect_creds(fleet_server, fleet_dir / "admin.creds")
+    try:
+        js = nc.jetstream()
+        for host in ("web-1", "web-2", "db-1"):
+            record = json.loads((await js.get_last_msg("tuxpilot_audit",
+                                                        f"tuxpilot.result.{host}.sysmon.top_processes")).data)
+            assert record["source"] == "operator", record
+        refused = json.loads((await js.get_last_msg("tuxpilot_audit",
+                                                     "tuxpilot.result.web-1.sysmon.top_processes")).data)
+        assert refused["status"] == "refused", refused
+    finally:
+        await nc.close()
+
+
+async def test_a_host_operator_cannot_call_the_fleet(
+    tmp_path: Path, fleet_dir: Path, fleet_server: NatsServer, sys_nc: Client
+) -> None:
+    fleet, _ = admin.enroll(fleet_dir, "web-1", {})
+    await admin.push(sys_nc, fleet)
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    operator = await connect_creds(fleet_server, creds_file(tmp_path, fleet_dir, "web-1", "operator"),
+                                   "_INBOX_tuxpilot-web-1-operator", error_cb=on_error)
+    try:
+        await operator.publish("tuxpilot.fleet.act.sysmon.top_processes", b"{}",
+                               reply="_INBOX_tuxpilot-web-1-operator.x")
+        await operator.flush()
+        await until(lambda: any("tuxpilot.fleet.act" in str(e) for e in errors), 5, "refused fleet call")
+    finally:
+        await operator.close()

@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
 from tuxpilot.agent.config import Config, load_config
+from tuxpilot.agent.fanout import FanOut
 from tuxpilot.agent.gate import Gate
 from tuxpilot.agent.handrun import HandRun
 from tuxpilot.agent.lock import state_dir_lock
@@ -279,6 +280,8 @@ class Agent:
         running = {name: m for name, (_, m) in plugins.items()}
         self.registry = await stack.enter_async_context(Registry(nc, self.subjects, {**installed, **running}, running))
         self.gate = await stack.enter_async_context(Gate(nc, cfg, self.registry))
+        if cfg.fleet.enrollment is not None:  # a fleet's host answers fleet-wide calls that target it
+            await stack.enter_async_context(FanOut(nc, self.subjects, cfg.fleet.labels, self.gate))
         # `tuxpilot plugin run` asks it to load a folder
         self.handrun = HandRun(nc, cfg, self.server, plugins, on_loaded=self.gate.add_plugin)
         await stack.enter_async_context(subscription(nc, self.handrun.subject, self.handrun.handle))

@@ -432,6 +432,11 @@ class Gate(Part):
 
         return handle
 
+    async def serve_call(self, req: Request, plugin: str, action: str) -> None:
+        """A call that reached this gate another way (a fleet-wide call targeting this host): handled
+        exactly as one on this host's own endpoint."""
+        await self._endpoint(plugin, action)(req)
+
     async def call(self, req: Request, plugin: str, action: str) -> None:
         """An operator's call: the same steps as a proposal, one record, and a reply in the usual shapes."""
         try:

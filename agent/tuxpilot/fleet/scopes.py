@@ -21,7 +21,10 @@ def agent_permissions(subjects: Subjects) -> tuple[list[str], list[str]]:
     user = auth.agent_user(subjects)
     # The gate's private execution endpoints on its own host (listed once whether auth names them or not).
     private = f"{subjects.prefix}.exec.{subjects.host}.>"
-    return [*user.publish, *([private] if private not in user.publish else [])], user.subscribe
+    # Fleet-wide calls reach every host's gate on one subject (no queue group); the gate answers those
+    # that target its host.
+    fleet_calls = f"{subjects.prefix}.fleet.act.*.*"
+    return [*user.publish, *([private] if private not in user.publish else [])], [*user.subscribe, fleet_calls]
 
 
 def operator_permissions(subjects: Subjects) -> tuple[list[str], list[str]]:

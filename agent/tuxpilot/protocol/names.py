@@ -13,6 +13,10 @@ ACTION_ID_HEADER = "Tuxpilot-Action-Id"
 EVENT_ID_HEADER = "Tuxpilot-Event-Id"
 # JetStream's de-duplication header: events by event id, proposals by proposal id.
 MSG_ID_HEADER = "Nats-Msg-Id"
+# A fleet-wide call's targets (absent: every host) and the answering host on each reply.
+FLEET_HOSTS_HEADER = "Tuxpilot-Hosts"  # host globs, comma-separated: "web-*,db-1"
+FLEET_LABELS_HEADER = "Tuxpilot-Labels"  # label=value pairs, comma-separated, all must hold
+HOST_HEADER = "Tuxpilot-Host"
 
 
 class HostIdentity(Protocol):
@@ -71,6 +75,10 @@ class Subjects:
 
     def results(self, host: str = "*") -> str:
         return f"{self.prefix}.result.{host}.>"
+
+    def fleet_act(self, plugin: str, action: str) -> str:
+        """A fleet-wide call: every host's gate subscribes (no queue group), those targeted answer."""
+        return f"{self.prefix}.fleet.act.{plugin}.{action}"
 
     def agent_control(self, verb: str, host: str | None = None) -> str:
         """A request to the host's agent itself (e.g. `load_plugin`); only its operator may send one."""
