@@ -251,6 +251,7 @@ async def fleet_of_three(tmp_path: Path, fleet_dir: Path, fleet_server: NatsServ
                 "TUXPILOT_STATE_DIR": str(tmp_path / f"state-{host}"), "TUXPILOT_MONITOR_ENABLED": "false",
                 "TUXPILOT_FLEET_ENROLLMENT": str(fleet_dir / "hosts" / f"{host}.json"),
                 "TUXPILOT_FLEET_LABELS": json.dumps({"role": labels[host]}),
+                "TUXPILOT_FLEET_HEARTBEAT_S": "0.5",
             })
             agents[host] = Agent(config, embedded=False)
             await agents[host].start()
@@ -281,6 +282,7 @@ async def wait_for_sysmon(server: NatsServer, fleet_dir: Path, hosts: list[str])
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 async def test_fleet_wide_call_targets_hosts_and_labels_and_names_the_silent(
     fleet_dir: Path, fleet_server: NatsServer, fleet_of_three: dict[str, Agent]
 ) -> None:
@@ -334,3 +336,43 @@ async def test_a_host_operator_cannot_call_the_fleet(
         await until(lambda: any("tuxpilot.fleet.act" in str(e) for e in errors), 5, "refused fleet call")
     finally:
         await operator.close()
+
+
+def fleet_status(fleet_dir: Path, server: NatsServer) -> dict[str, dict[str, object]]:
+    done = run_cli("fleet", "status", "--dir", str(fleet_dir), "--json", "--server", server.url,
+                   env={"TUXPILOT_CONFIG": os.devnull})
+    assert done.returncode == 0, done.stderr
+    return {h["host"]: h for h in json.loads(done.stdout)}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_fleet_status_and_join_and_loss_events(
+    fleet_dir: Path, fleet_server: NatsServer, fleet_of_three: dict[str, Agent]
+) -> None:
+    hosts = await asyncio.to_thread(fleet_status, fleet_dir, fleet_server)
+    assert {h: s["state"] for h, s in hosts.items()} == {
+        "web-1": "alive", "web-2": "alive", "db-1": "alive", "ghost": "never seen"}
+    beat = hosts["db-1"]["beat"]
+    assert isinstance(beat, dict) and beat["labels"] == {"role": "db"} and beat["version"]
+    nc = await connect_creds(fleet_server, fleet_dir / "admin.creds")
+    try:
+        js = nc.jetstream()
+        for host in ("web-1", "web-2", "db-1"):  # each said it joined, on its own subject
+            joined = json.loads((await js.get_last_msg("tuxpilot_events",
+                                                        f"tuxpilot.evt.{host}.fleet.host_joined")).data)
+            assert joined["type"] == "fleet.host_joined"
+        lost: list[dict[str, object]] = []
+
+        async def on_lost(msg: Msg) -> None:
+            lost.append(json.loads(msg.data))
+
+        await nc.subscribe("tuxpilot.evt.*.fleet.host_lost", cb=on_lost)
+        await fleet_of_three.pop("db-1").stop()  # db-1 goes away (its key stays, growing old)
+        await until(lambda: any(e["data"]["lost"] == "db-1" for e in lost), 15, "fleet.host_lost for db-1")  # type: ignore[index]
+        await asyncio.sleep(1.5)
+        assert len([e for e in lost if e["data"]["lost"] == "db-1"]) == 1, lost  # type: ignore[index]
+        hosts = await asyncio.to_thread(fleet_status, fleet_dir, fleet_server)
+        assert hosts["db-1"]["state"] == "lost" and hosts["web-1"]["state"] == "alive"
+    finally:
+        await nc.close()

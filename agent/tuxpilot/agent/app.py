@@ -27,6 +27,7 @@ from tuxpilot.agent.config import Config, load_config
 from tuxpilot.agent.fanout import FanOut
 from tuxpilot.agent.gate import Gate
 from tuxpilot.agent.handrun import HandRun
+from tuxpilot.agent.heartbeat import Heartbeat
 from tuxpilot.agent.lock import state_dir_lock
 from tuxpilot.agent.monitor import Monitor, Reading
 from tuxpilot.agent.outbox import Outbox
@@ -39,6 +40,7 @@ from tuxpilot.bus.registry import open_bucket
 from tuxpilot.bus.server import NatsServer
 from tuxpilot.bus.streams import create_plugin_consumer, ensure_streams, guard_plugin_consumers, replicas_for
 from tuxpilot.fleet import member
+from tuxpilot.fleet.heartbeat import open_heartbeats
 from tuxpilot.protocol.errors import ConfigError
 from tuxpilot.protocol.manifest import Manifest, builtin_dir
 from tuxpilot.protocol.models import Event, Metrics, Result, now
@@ -204,6 +206,7 @@ class Agent:
         self.host: PluginHost | None = None
         self.url: str = ""
         self.outbox: Outbox | None = None
+        self.heartbeat: Heartbeat | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._states: KeyValue | None = None
 
@@ -282,6 +285,10 @@ class Agent:
         self.gate = await stack.enter_async_context(Gate(nc, cfg, self.registry))
         if cfg.fleet.enrollment is not None:  # a fleet's host answers fleet-wide calls that target it
             await stack.enter_async_context(FanOut(nc, self.subjects, cfg.fleet.labels, self.gate))
+            beats = await open_heartbeats(js, self.subjects, cfg.streams.replicas)
+            self.heartbeat = await stack.enter_async_context(
+                Heartbeat(beats, cfg.host_id, cfg.fleet.labels, cfg.fleet.heartbeat_s, self._publish_event)
+            )
         # `tuxpilot plugin run` asks it to load a folder
         self.handrun = HandRun(nc, cfg, self.server, plugins, on_loaded=self.gate.add_plugin)
         await stack.enter_async_context(subscription(nc, self.handrun.subject, self.handrun.handle))
@@ -393,6 +400,8 @@ class Agent:
         if not self.nc.is_connected:
             raise ConnectionError("not connected")
         await bus.publish_event(self.nc, self.subjects, event)
+        if self.heartbeat is not None:
+            self.heartbeat.last_event = f"{event.type} {event.time.isoformat()}"
 
     async def _publish_event(self, event: Event) -> None:
         assert self.outbox is not None
@@ -458,6 +467,10 @@ class Agent:
         """What the plugin host knows of a plugin, where `tuxpilot status` reads it."""
         if self._states is not None:
             await put_state(self._states, state)
+        if self.heartbeat is not None:
+            self.heartbeat.plugins[state.plugin] = str(state.state)
+            if state.reason and state.state not in ("running", "starting"):
+                self.heartbeat.last_error = f"{state.plugin}: {state.reason}"
 
     async def _publish_metrics(self, metrics: Metrics) -> None:
         assert self.nc is not None

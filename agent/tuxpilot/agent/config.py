@@ -96,6 +96,9 @@ class FleetConfig(Section):
         None, description="This host's enrolment file (`tuxpilot fleet join` sets it): its users are minted from it."
     )
     labels: dict[str, str] = Field(default_factory=dict, description="What fleet-wide calls target by label.")
+    heartbeat_s: Annotated[float, Field(gt=0)] = Field(
+        5.0, description="Seconds between heartbeats; a host is lost after three missed."
+    )
 
 
 class Config(HostSettings):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import shutil
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -11,9 +14,11 @@ import tomlkit
 import typer
 
 from tuxpilot.agent.config import write_private
-from tuxpilot.cli.common import EXIT_USAGE, config_of, err, fail, out, run_async
+from tuxpilot.cli.common import EXIT_UNAVAILABLE, EXIT_USAGE, add_row, config_of, err, fail, out, run_async, table
 from tuxpilot.fleet import admin, member
+from tuxpilot.fleet.heartbeat import HostStatus, judge, open_heartbeats, read_beat
 from tuxpilot.protocol.errors import ConfigError
+from tuxpilot.protocol.names import Subjects
 from tuxpilot.settings import default_config_path, subject_token
 
 app = typer.Typer(help="A fleet of hosts on one NATS deployment (operator mode).", no_args_is_help=True)
@@ -142,3 +147,45 @@ def join(
     write_private(target, tomlkit.dumps(document))
     out.print(f"wrote {target}: host {doc.host} joins the fleet at {', '.join(doc.urls)} as {creds.name}")
 
+
+
+@app.command()
+def status(
+    folder: FleetDir = Path("fleet"),
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document.")] = False,
+    server: Annotated[str | None, typer.Option(help="Server URL(s), instead of the fleet's own.")] = None,
+) -> None:
+    """Every enrolled host: alive, lost (its heartbeat expired) or never seen; with its last beat."""
+    try:
+        fleet = admin.load(folder)
+    except ConfigError as exc:
+        fail(exc.message, EXIT_USAGE)
+
+    async def main() -> list[HostStatus]:
+        try:
+            nc = await asyncio.wait_for(nats.connect(
+                server.split(",") if server else fleet.urls, user_credentials=str(folder / "admin.creds"),
+                allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=3), 10)
+        except (OSError, TimeoutError, nats.errors.Error) as exc:
+            fail(f"no server reached at {server or ', '.join(fleet.urls)} ({type(exc).__name__})", EXIT_UNAVAILABLE)
+        try:
+            kv = await open_heartbeats(nc.jetstream(), Subjects(fleet.prefix, "admin"))
+            return [judge(host, record.labels, await read_beat(kv, host))
+                    for host, record in sorted(fleet.hosts.items()) if not record.revoked]
+        finally:
+            await nc.close()
+
+    hosts: list[HostStatus] = run_async(main())
+    if as_json:
+        out.print_json(json.dumps([h.doc() for h in hosts]))
+        return
+    grid = table("host", "state", "labels", "version", "plugins", "last beat", "last error")
+    now = time.time()
+    for h in hosts:
+        beat = h.beat
+        add_row(grid, h.host, h.state, ",".join(f"{k}={v}" for k, v in sorted(h.labels.items())),
+                beat.version if beat else "", ",".join(f"{p}:{s}" for p, s in sorted(beat.plugins.items())) if beat
+                else "", f"{now - beat.at:.0f} s ago" if beat else "", (beat.last_error or "") if beat else "")
+    out.print(grid)
+    counts = {s: sum(h.state == s for h in hosts) for s in ("alive", "lost", "never seen")}
+    out.print(", ".join(f"{n} {s}" for s, n in counts.items()))

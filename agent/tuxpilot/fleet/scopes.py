@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from tuxpilot.bus import auth
 from tuxpilot.bus.jwt import Scope
-from tuxpilot.protocol.names import Names, Subjects, inbox_prefix
+from tuxpilot.protocol.names import Names, Subjects, fleet_bucket, inbox_prefix
 
 ROLES = ("agent", "operator", "plugin")
 # Replaced by nats-server with each plugin user's name (the plugin's name) when the user connects.
@@ -24,7 +24,9 @@ def agent_permissions(subjects: Subjects) -> tuple[list[str], list[str]]:
     # Fleet-wide calls reach every host's gate on one subject (no queue group); the gate answers those
     # that target its host.
     fleet_calls = f"{subjects.prefix}.fleet.act.*.*"
-    return [*user.publish, *([private] if private not in user.publish else [])], [*user.subscribe, fleet_calls]
+    beat = f"$KV.{fleet_bucket(subjects)}.{subjects.host}"  # its own heartbeat key, no other host's
+    publish = [*user.publish, *([private] if private not in user.publish else []), beat]
+    return publish, [*user.subscribe, fleet_calls]
 
 
 def operator_permissions(subjects: Subjects) -> tuple[list[str], list[str]]:

@@ -125,6 +125,11 @@ class Names:
                    f"{p}_plugin_state")
 
 
+def fleet_bucket(subjects: Subjects) -> str:
+    """The heartbeat bucket: one key per host (its id), written only by that host's agent."""
+    return f"{subjects.bucket_prefix}_fleet"
+
+
 def plugin_consumer_name(plugin: str, host: str) -> str:
     """The durable consumer one plugin's replicas share on one host."""
     return f"{plugin}-{host}"
