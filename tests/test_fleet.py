@@ -218,7 +218,7 @@ async def test_join_an_agent_and_its_plugin_to_a_running_fleet(tmp_path: Path) -
             operator = await connect_creds(server, folder / "admin.creds")
             try:
                 reply = None
-                for _ in range(100):  # until sysmon has connected with its own minted user
+                for _ in range(600):  # until sysmon has connected with its own minted user
                     try:
                         reply = await operator.request("tuxpilot.act.web-1.sysmon.top_processes", b"{}", timeout=10)
                         break
