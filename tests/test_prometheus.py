@@ -178,11 +178,15 @@ async def test_prometheus_scrapes_the_events_an_agent_saw(agent: Agent, promethe
         got["critical"] = await value_of(prometheus, 'tuxpilot_events_total{type="promtest.ping",severity="critical"}')
         got["cpu"] = await value_of(prometheus, f'tuxpilot_host_cpu_percent{{host="{HOST}"}}')
         got["up"] = await value_of(prometheus, 'up{job="tuxpilot"}')
-        return got["info"] == sent and got["critical"] == 1 and got["cpu"] is not None and got["up"] == 1
+        got["gate"] = await value_of(prometheus, f'tuxpilot_gate_pending{{host="{HOST}"}}')
+        return (got["info"] == sent and got["critical"] == 1 and got["cpu"] is not None and got["up"] == 1
+                and got["gate"] is not None)
 
     deadline = asyncio.get_running_loop().time() + 60
     while not await settled():
         assert asyncio.get_running_loop().time() < deadline, f"Prometheus answered {got}"
         await asyncio.sleep(0.5)
-    # Host figures came from tuxpilot.metrics.<host>, which the plugin may read because it `reads` metrics.
+    # Host figures came from tuxpilot.metrics.<host>, which the plugin may read because it `reads` metrics;
+    # the gate's backlog rides in the same snapshot (nothing is waiting for it here).
     assert 0 <= (got["cpu"] or 0) <= 100
+    assert got["gate"] == 0

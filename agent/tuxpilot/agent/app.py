@@ -474,6 +474,11 @@ class Agent:
 
     async def _publish_metrics(self, metrics: Metrics) -> None:
         assert self.nc is not None
+        if self.gate is not None:  # the gate's backlog rides along, for dashboards (the prometheus plugin)
+            try:
+                metrics.gate = await self.gate.load()
+            except Exception as exc:  # a snapshot without it is still worth sending
+                log.debug("agent.gate_load_unknown", error=f"{type(exc).__name__}: {exc}")
         await self.nc.publish(self.subjects.metrics(), metrics.to_json())
 
     async def stop(self) -> None:

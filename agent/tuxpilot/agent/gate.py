@@ -52,7 +52,7 @@ from tuxpilot.lifetime import Part
 from tuxpilot.protocol import schemas
 from tuxpilot.protocol.errors import STATUS_CODES, BadRequest, TuxPilotError, error_doc
 from tuxpilot.protocol.manifest import Manifest
-from tuxpilot.protocol.models import ErrorDoc, Proposal, Reason, Result, Source, Status, new_id, now
+from tuxpilot.protocol.models import ErrorDoc, GateLoad, Proposal, Reason, Result, Source, Status, new_id, now
 from tuxpilot.protocol.names import (
     ACTION_ID_HEADER,
     EVENT_ID_HEADER,
@@ -199,6 +199,12 @@ class Gate(Part):
         self._rates_task = asyncio.create_task(self._summarise_rates(), name="gate-rates")
         log.info("gate.started", proposals=self.subjects.proposals(), endpoints=self.subjects.act("*", "*"),
                  dry_run=self.config.gate.dry_run)
+
+    async def load(self) -> GateLoad:
+        """Proposals stored and not yet decided (its consumer's backlog and unacked), actions running now."""
+        assert self.consumer is not None
+        info = await self.nc.jetstream().consumer_info(self.consumer.stream, self.consumer.name)
+        return GateLoad(pending=info.num_pending + info.num_ack_pending, in_flight=sum(self.in_flight.values()))
 
     async def stop(self) -> None:
         if self.service is not None:

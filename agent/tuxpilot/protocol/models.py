@@ -213,6 +213,13 @@ class DiskUsage(Doc):
     percent: Percent
 
 
+class GateLoad(Doc):
+    """How much work a host's gate has: proposals stored and not yet decided, actions running."""
+
+    pending: Annotated[int, Field(ge=0)]
+    in_flight: Annotated[int, Field(ge=0)]
+
+
 class Metrics(Doc):
     host: Token
     time: AwareDatetime = Field(default_factory=now)
@@ -223,3 +230,4 @@ class Metrics(Doc):
     swap: Usage
     disks: list[DiskUsage]
     uptime_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    gate: GateLoad | None = None
