@@ -92,7 +92,7 @@ async def test_three_replicas_and_a_killed_node_loses_nothing(
     await ensure_streams(js, subjects, config.streams)
     plugin, ran = counting_plugin()
     await plugin.start(plugin_nc, config)
-    registry, gate = await start_gate(agent_nc, config)
+    registry, gate = await start_gate(agent_nc, config, plugin.manifest)
     names = Names.of(subjects)
     for stream in (names.events, names.proposals, names.audit, f"KV_{names.executions}"):
         info = await js.stream_info(stream)
