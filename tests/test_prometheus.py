@@ -168,6 +168,12 @@ async def test_prometheus_scrapes_the_events_an_agent_saw(agent: Agent, promethe
             event = Event.new("promtest.ping", HOST, severity="info", value=i, source="test")
             await bus.publish_event(nc, subjects, event)
         await bus.publish_event(nc, subjects, Event.new("promtest.ping", HOST, severity="critical", source="test"))
+        # An operator's call through the gate's public endpoint: the gate runs it on the plugin's private
+        # one and records the result, which the plugin counts (it `reads` results).
+        reply = await nc.request(subjects.act("prometheus", "export_metrics"), b"{}", timeout=10)
+        exported = json.loads(reply.data)
+        assert exported["status"] == "ok", exported
+        assert "tuxpilot_events_total" in exported["data"]["text"]
     finally:
         await nc.close()
 
@@ -179,8 +185,12 @@ async def test_prometheus_scrapes_the_events_an_agent_saw(agent: Agent, promethe
         got["cpu"] = await value_of(prometheus, f'tuxpilot_host_cpu_percent{{host="{HOST}"}}')
         got["up"] = await value_of(prometheus, 'up{job="tuxpilot"}')
         got["gate"] = await value_of(prometheus, f'tuxpilot_gate_pending{{host="{HOST}"}}')
+        got["results"] = await value_of(
+            prometheus, 'tuxpilot_results_total{plugin="prometheus",action="export_metrics",status="ok"}')
+        got["timed"] = await value_of(
+            prometheus, 'tuxpilot_action_duration_seconds_count{plugin="prometheus",action="export_metrics"}')
         return (got["info"] == sent and got["critical"] == 1 and got["cpu"] is not None and got["up"] == 1
-                and got["gate"] is not None)
+                and got["gate"] is not None and got["results"] == 1 and got["timed"] == 1)
 
     deadline = asyncio.get_running_loop().time() + 60
     while not await settled():

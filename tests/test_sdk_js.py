@@ -96,8 +96,7 @@ async def plugin(nats_server: NatsServer, nc: Client, tmp_path: Path) -> AsyncIt
 async def call(nc: Client, action: str, body: bytes | str = b"", action_id: str | None = "a-1") -> Msg:
     headers = {ACTION_ID_HEADER: action_id} if action_id else None
     data = body.encode() if isinstance(body, str) else body
-    subject = f"tuxpilot.exec.{HOST}.jsdemo.{action}"
-    return await nc.request(subject, data, timeout=5, headers=headers)
+    return await nc.request(SUBJECTS.exec("jsdemo", action), data, timeout=5, headers=headers)
 
 
 def body(msg: Msg) -> Any:
