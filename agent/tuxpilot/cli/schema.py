@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Annotated, Any
 
 import typer
@@ -15,7 +16,7 @@ from tuxpilot.cli.common import (
     out,
     table,
 )
-from tuxpilot.protocol import schemas
+from tuxpilot.protocol import asyncapi, schemas
 
 app = typer.Typer(help="The JSON Schemas that are the contract with plugins.", no_args_is_help=True)
 
@@ -64,3 +65,12 @@ def _action_schema(ctx: typer.Context, name: str, *, result: bool) -> dict[str, 
             fail(f"{plugin}.{action} declares no result schema", EXIT_USAGE)
         return spec.result
     return spec.params
+
+
+@app.command("asyncapi")
+def schema_asyncapi(
+    prefix: Annotated[str, typer.Option(help="The subject prefix the addresses use.")] = "tuxpilot",
+) -> None:
+    """Print the plugin protocol as an AsyncAPI 3.0 document (JSON), generated from the schemas and subjects."""
+    # Plain print: rich would re-flow a long document; this one is meant for tools.
+    sys.stdout.write(json.dumps(asyncapi.document(prefix), indent=2) + "\n")
