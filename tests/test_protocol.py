@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from tuxpilot.bus import auth
 from tuxpilot.protocol import launch, schemas
-from tuxpilot.protocol.errors import STATUS_CODES, BadRequest, ConfigError
+from tuxpilot.protocol.errors import GATE_STATUS_CODES, PLUGIN_STATUS_CODES, BadRequest, ConfigError
 from tuxpilot.protocol.manifest import builtin_dir
 from tuxpilot.protocol.manifest import load as load_manifest
 from tuxpilot.protocol.names import Subjects
@@ -101,8 +101,11 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
 
 def test_the_written_protocol_lists_every_error_code_with_its_number() -> None:
-    rows = dict(re.findall(r"^\| `([a-z0-9_]+)` \| (\d{3}) \|", DOC.read_text(), flags=re.M))
-    assert {code: int(n) for code, n in rows.items()} == STATUS_CODES
+    # The plugin's codes in the first table, the gate's reasons in the second.
+    tables = DOC.read_text().split("\n| code | number |")[1:]
+    row = re.compile(r"^\| `([a-z0-9_]+)` \| (\d{3}) \|", flags=re.M)
+    found = [{code: int(n) for code, n in row.findall(table.split("\n\n")[0])} for table in tables]
+    assert found == [PLUGIN_STATUS_CODES, GATE_STATUS_CODES]
 
 
 def test_the_written_protocol_names_every_variable_the_host_sets() -> None:

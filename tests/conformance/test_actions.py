@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from nats.aio.msg import Msg
 from tuxpilot.protocol import schemas
-from tuxpilot.protocol.errors import STATUS_CODES
+from tuxpilot.protocol.errors import PLUGIN_STATUS_CODES
 
 from tests.conformance.conftest import Bus
 
@@ -66,9 +66,10 @@ async def test_params_above_256_kib_are_payload_too_large(bus: Bus) -> None:
     error(await bus.request("echo", {"text": "x" * (300 * 1024)}), "payload_too_large", 413)
 
 
-@pytest.mark.parametrize("code", sorted(STATUS_CODES))
+@pytest.mark.parametrize("code", sorted(PLUGIN_STATUS_CODES))
 async def test_a_handlers_error_keeps_its_code_and_number(bus: Bus, code: str) -> None:
-    doc = error(await bus.request("fail", {"code": code, "message": f"failing with {code}"}), code, STATUS_CODES[code])
+    doc = error(await bus.request("fail", {"code": code, "message": f"failing with {code}"}), code,
+                PLUGIN_STATUS_CODES[code])
     assert doc["message"] == f"failing with {code}"
 
 

@@ -16,7 +16,7 @@ from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
 from tuxpilot import __version__
 from tuxpilot.protocol import schemas
-from tuxpilot.protocol.errors import STATUS_CODES
+from tuxpilot.protocol.errors import GATE_STATUS_CODES, PLUGIN_STATUS_CODES
 from tuxpilot.protocol.manifest import API_VERSION
 from tuxpilot.protocol.names import (
     ACTION_ID_HEADER,
@@ -74,7 +74,7 @@ def _messages() -> dict[str, Any]:
     msg_id = {MSG_ID_HEADER: "The event id: the events stream stores an id once within its duplicate window."}
     error_headers = {
         ERROR_HEADER: "The error's message on one line, at most 1,000 characters.",
-        ERROR_CODE_HEADER: "The error's number: " + ", ".join(f"{c} {n}" for c, n in STATUS_CODES.items())
+        ERROR_CODE_HEADER: "The error's number: " + ", ".join(f"{c} {n}" for c, n in PLUGIN_STATUS_CODES.items())
         + "; a plugin's own code is sent as 500.",
     }
     return {
@@ -282,6 +282,7 @@ def document(prefix: str = "tuxpilot") -> dict[str, Any]:
             "durable_consumer": {"stream": names.events, "name": plugin_consumer_name(plugin, _p("host"))},
             "streams": {"events": names.events, "proposals": names.proposals, "audit": names.audit},
             "buckets": {"registry": names.plugins, "executions": names.executions, "cooldowns": names.cooldowns},
-            "error_codes": dict(STATUS_CODES),
+            "error_codes": dict(PLUGIN_STATUS_CODES),
+            "gate_error_codes": dict(GATE_STATUS_CODES),
         },
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 # Error codes to the numeric code carried in the NATS micro `Nats-Service-Error-Code` header.
-STATUS_CODES: dict[str, int] = {
+PLUGIN_STATUS_CODES: dict[str, int] = {
     "bad_request": 400,
     "invalid_params": 400,
     "invalid_config": 400,
@@ -21,7 +21,9 @@ STATUS_CODES: dict[str, int] = {
     # A sandboxed plugin's guest: hit its memory or fuel cap, or trapped / answered garbage.
     "resource_exhausted": 507,
     "plugin_fault": 502,
-    # the gate's reasons, as an operator's call is answered
+}
+# The gate's reasons, as it answers an operator's call on the public endpoint that it does not execute.
+GATE_STATUS_CODES: dict[str, int] = {
     "impersonation": 403,
     "foreign_action": 403,
     "permission_not_granted": 403,
@@ -34,6 +36,7 @@ STATUS_CODES: dict[str, int] = {
     "no_responders": 503,
     "unrecordable": 500,
 }
+STATUS_CODES: dict[str, int] = {**PLUGIN_STATUS_CODES, **GATE_STATUS_CODES}
 
 
 class TuxPilotError(Exception):

@@ -19,6 +19,8 @@ export const STATUS_CODES = Object.freeze({
   internal: 500,
   unavailable: 503,
   timeout: 504,
+  resource_exhausted: 507,
+  plugin_fault: 502,
 });
 
 /**
