@@ -146,8 +146,9 @@ class Bus:
         return await self.operator.jetstream().consumer_info(self.names.events, plugin_consumer_name(PLUGIN, HOST))
 
     async def stored_proposals(self) -> list[Msg]:
-        """Every proposal of the plugin that the proposals stream holds."""
-        js = self.operator.jetstream()
+        """Every proposal of the plugin that the proposals stream holds (read as the agent: operators may
+        not create consumers)."""
+        js = self.gate.jetstream()
         sub = await js.subscribe(self.subjects.proposal(PLUGIN), ordered_consumer=True, stream=self.names.proposals)
         found: list[Msg] = []
         try:
