@@ -23,6 +23,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
+from tuxpilot.agent.automation import Automation
 from tuxpilot.agent.config import Config, load_config
 from tuxpilot.agent.fanout import FanOut
 from tuxpilot.agent.gate import Gate
@@ -203,6 +204,7 @@ class Agent:
         self._plugins_lock = asyncio.Lock()
         self._applying: set[asyncio.Task[None]] = set()
         self.monitor: Monitor | None = None
+        self.automation: Automation | None = None
         self.host: PluginHost | None = None
         self.url: str = ""
         self.outbox: Outbox | None = None
@@ -289,6 +291,8 @@ class Agent:
             self.heartbeat = await stack.enter_async_context(
                 Heartbeat(beats, cfg.host_id, cfg.fleet.labels, cfg.fleet.heartbeat_s, self._publish_event)
             )
+        # Rules, schedules and approvals act only through the gate.
+        self.automation = await stack.enter_async_context(Automation(nc, cfg, self.gate))
         # `tuxpilot plugin run` asks it to load a folder
         self.handrun = HandRun(nc, cfg, self.server, plugins, on_loaded=self.gate.add_plugin)
         await stack.enter_async_context(subscription(nc, self.handrun.subject, self.handrun.handle))
@@ -327,6 +331,8 @@ class Agent:
             return
         self.config.plugins = fresh.plugins
         self.config.gate = fresh.gate
+        if self.automation is not None:
+            self.automation.reload(fresh)
         log.info("config.reloaded", path=str(path), plugins={n: p.permissions for n, p in fresh.plugins.items()})
         # run_plugins, plugin_dirs or a plugin's `enabled` may have changed: the plugins follow, live.
         task = asyncio.get_running_loop().create_task(self._apply_run_plugins(fresh), name="apply-run-plugins")

@@ -46,12 +46,23 @@ class ApprovalPolicy(BaseModel):
     rules: list[str] = Field(default_factory=list, description="Every action these rules propose.")
     schedules: list[str] = Field(default_factory=list, description="Every action these schedules run.")
     timeout_s: Annotated[float, Field(gt=0)] = Field(3600.0, description="After this a pending approval expires.")
+    timeouts: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict, description='timeout_s per rule, schedule or action ("plugin.action").'
+    )
     approvers: list[str] = Field(
         default_factory=list,
         description="NATS users who may answer (taken from the reply inbox); empty: any user allowed to publish "
         "on the approve subjects (the operator's by default).",
     )
     keep_s: Annotated[float, Field(gt=0)] = Field(7 * 24 * 3600.0, description="How long decided approvals are kept.")
+
+
+def timeout_for(policy: ApprovalPolicy, *names: str | None) -> float:
+    """The first of `names` (rule or schedule, then plugin.action) given its own timeout, else the default."""
+    for name in names:
+        if name is not None and name in policy.timeouts:
+            return policy.timeouts[name]
+    return policy.timeout_s
 
 
 def required(policy: ApprovalPolicy, *, key: str, permission: str | None, rule: str | None,

@@ -13,10 +13,11 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Annotated, Self
+from typing import Annotated, Any, Self
 
 from pydantic import Field, model_validator
 
+from tuxpilot.agent.approvals import ApprovalPolicy
 from tuxpilot.protocol.errors import ConfigError
 from tuxpilot.protocol.manifest import Manifest, Permission
 from tuxpilot.runtimes.settings import HostSettings
@@ -110,6 +111,13 @@ class Config(HostSettings):
     fleet: FleetConfig = FleetConfig()
     plugin_dirs: list[Path] = Field(default_factory=list, description="Folders searched for plugins.")
     run_plugins: list[str] = Field(["sysmon"], description="Local plugins `tuxpilot up` starts and supervises.")
+    labels: dict[str, str] = Field(default_factory=dict, description='This host\'s labels (role = "web") for rules, over [fleet] labels.')
+    # Rules and schedules are checked one by one when loaded (agent/rules.py, agent/schedules.py): a broken
+    # one is refused with its error and the others work, so the whole config is not refused for it.
+    rules: list[dict[str, Any]] = Field(default_factory=list, description="[[rules]]: see the README's Rules.")
+    rules_file: Path | None = Field(None, description="A TOML file of more [[rules]], reloaded when it changes.")
+    schedules: list[dict[str, Any]] = Field(default_factory=list, description="[[schedules]]: see Schedules.")
+    approvals: ApprovalPolicy = ApprovalPolicy()
 
 
 def edit_grants(path: Path, manifest: Manifest, current: frozenset[Permission], *, add: list[Permission],

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from nats.aio.client import Client
@@ -80,6 +80,12 @@ RATE_SUMMARY_POLL_S = 1.0
 MAX_CALL_BYTES = 256 * 1024
 LATE_RECORD_WAIT_S = 10.0
 COOLDOWNS_CACHED = 100_000
+
+
+class Holder(Protocol):
+    """What holds an action for approval: returns why it is held, or None to let it pass."""
+
+    async def hold(self, case: Case) -> str | None: ...
 
 
 def parse_proposal(raw: bytes, max_payload: int) -> Proposal:
@@ -147,6 +153,8 @@ class Gate(Part):
         self._served: set[tuple[str, str]] = set()
         self._call_slots = asyncio.Semaphore(config.gate.max_concurrency)
         self._rates_task: asyncio.Task[None] | None = None
+        # The host's approvals (set by the agent); without them no action is held.
+        self.approvals: Holder | None = None
         # Timed-out cases whose timeout record is not yet stored: a late reply waits for it.
         self._recording: dict[str, asyncio.Event] = {}
 
@@ -172,6 +180,9 @@ class Gate(Part):
                 del self.cooldowns.last[next(iter(self.cooldowns.last))]
             await self.ledger.save_cooldown(key, at, pause)
         return wait
+
+    async def hold(self, case: Case) -> str | None:
+        return await self.approvals.hold(case) if self.approvals is not None else None
 
     # -- lifetime ------------------------------------------------------------------------------------
 
@@ -337,6 +348,7 @@ class Gate(Part):
                 "proposed_by": case.proposer,
                 "source": case.source,
                 "caller": case.caller,
+                "approved_by": case.approved_by,
                 "time": now(),
                 "duration_ms": round((time.perf_counter() - case.started) * 1000, 3),
             }

@@ -51,6 +51,7 @@ class Case:
     # A verdict held back by one step for a later one (a manifest dry run is paced by the cooldown).
     deferred: Stop | None = None
     reply: Any = None  # the plugin's reply message, once it ran
+    approved_by: str | None = None  # set when an approver released this case from `pending`
 
     @property
     def key(self) -> str:
@@ -76,6 +77,8 @@ class Policy(Protocol):
     async def claim(self, case: Case) -> dict[str, Any] | None: ...
 
     async def cooldown(self, key: str, pause: float) -> float | None: ...
+
+    async def hold(self, case: Case) -> str | None: ...
 
 
 Step = Callable[[Policy, Case], Awaitable[None]]
@@ -199,6 +202,17 @@ async def check_permission(gate: Policy, case: Case) -> None:
     )
 
 
+async def check_approval(gate: Policy, case: Case) -> None:
+    """Hold an action the host's approval policy names until someone allowed answers (it is not claimed
+    yet: an approved case goes through every step again, the claim included, so it runs once)."""
+    if case.approved_by is not None:
+        return
+    held = await gate.hold(case)
+    if held is not None:
+        raise Stop(Status.pending, Reason.approval_required,
+                   f"{held}; held for approval {case.id}: `tuxpilot approve {case.id}` or `tuxpilot deny {case.id}`")
+
+
 async def claim_action(gate: Policy, case: Case) -> None:
     """Claim the action id once and for all: a redelivery, a restart or a second agent never runs it twice."""
     earlier = await gate.claim(case)
@@ -233,6 +247,7 @@ STEPS: tuple[Step, ...] = (
     check_params,
     check_expiry,
     check_permission,
+    check_approval,
     claim_action,
     check_cooldown,
     release_deferred,

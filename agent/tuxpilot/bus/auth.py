@@ -23,9 +23,11 @@ from tuxpilot.protocol.names import (
     GATE_SERVICE,
     Names,
     Subjects,
+    approvals_bucket,
     inbox_prefix,
     operator_consumer_name,
     plugin_consumer_name,
+    schedules_bucket,
 )
 
 # Every password is 24 random bytes (192 bits): no guess gets anywhere near it, so bcrypt's work factor,
@@ -78,7 +80,9 @@ def agent_user(subjects: Subjects) -> User:
             "$JS.ACK.>",
             "$JS.FC.>",  # flow-control replies: without them a KV watch or listing stalls
             *(f"$KV.{bucket}.>" for bucket in (names.executions, names.cooldowns, names.plugins,
-                                               names.plugin_state)),
+                                               names.plugin_state, approvals_bucket(subjects),
+                                               schedules_bucket(subjects))),
+            subjects.approval("*"),  # approval requests it announces
             "$SRV.PING",
         ],
         subscribe=[
@@ -87,6 +91,8 @@ def agent_user(subjects: Subjects) -> User:
             subjects.proposals(),
             f"{p}.result.{h}.>",
             subjects.agent_control("*"),  # the operator's requests to this agent (loading a plugin run by hand)
+            subjects.approve("*"),  # answers to approvals
+            subjects.metrics(),  # the last snapshot, which rule conditions read
             # The gate serves the public action endpoints as the micro service `tuxpilot-gate`.
             f"{p}.act.{h}.>",
             *_srv(GATE_SERVICE),
@@ -118,7 +124,8 @@ def plugin_user(subjects: Subjects, manifest: Manifest) -> User:
         f"{p}.exec.{h}.{n}.>",
         *(f"{p}.evt.{h}.{pattern}" for pattern in manifest.subscribes),
         # What the manifest's `reads` names, of this host only.
-        *({"results": subjects.results(h), "metrics": subjects.metrics()}[r] for r in manifest.reads),
+        *({"results": subjects.results(h), "metrics": subjects.metrics(), "approvals": subjects.approval("*")}[r]
+          for r in manifest.reads),
         *_srv(n),
     ]
     return User(name=name, role="plugin", publish=publish, subscribe=subscribe, allow_responses=True, plugin=n)
@@ -154,8 +161,9 @@ def operator_user(subjects: Subjects) -> User:
     return User(
         name=name,
         role="operator",
-        publish=[f"{p}.act.>", f"{p}.evt.>", subjects.agent_control("*"), "$SRV.>", *read_js],
-        subscribe=[f"{inbox_prefix(name)}.>", f"{p}.evt.>", f"{p}.result.>", f"{p}.metrics.>", f"{p}.proposal.>"],
+        publish=[f"{p}.act.>", f"{p}.evt.>", subjects.agent_control("*"), f"{p}.approve.>", "$SRV.>", *read_js],
+        subscribe=[f"{inbox_prefix(name)}.>", f"{p}.evt.>", f"{p}.result.>", f"{p}.metrics.>", f"{p}.proposal.>",
+                   f"{p}.approval.>"],
     )
 
 

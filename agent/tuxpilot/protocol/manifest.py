@@ -50,7 +50,8 @@ Category = Literal[
 ]
 Runtime = Literal["python", "javascript", "wasm", "container", "native"]
 # Subjects of this host a plugin may read (subscribe to) besides its events: what `reads` may name.
-Readable = Literal["results", "metrics"]
+# approvals: the host's approval requests (tuxpilot.approval.<host>.*), to forward them to people, say.
+Readable = Literal["results", "metrics", "approvals"]
 
 
 class Spec(BaseModel):

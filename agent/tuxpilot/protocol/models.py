@@ -31,6 +31,7 @@ class Status(StrEnum):
     expired = "expired"
     duplicate = "duplicate"
     dead_letter = "dead_letter"
+    pending = "pending"  # held until someone allowed approves it (or it expires)
 
 
 class Reason(StrEnum):
@@ -62,13 +63,20 @@ class Reason(StrEnum):
     unrecordable = "unrecordable"
     conflict = "conflict"
     max_deliveries = "max_deliveries"
+    # approvals
+    approval_required = "approval_required"
+    approval_denied = "approval_denied"
+    approval_expired = "approval_expired"
+    missed_run = "missed_run"  # a schedule's run older than its misfire grace when the agent came back
 
 
 class Source(StrEnum):
-    """Who asked for an action: a plugin's proposal, or a call on the public action endpoint."""
+    """Who asked for an action: a plugin's proposal, a call on the public action endpoint, a rule, a schedule."""
 
     proposal = "proposal"
     operator = "operator"
+    rule = "rule"
+    schedule = "schedule"
 
 
 # Statuses whose reason is always one of `Reason` (an `error` may carry a plugin's own code instead).
@@ -182,6 +190,7 @@ class Result(Doc):
     source: Source | None = None
     caller: Annotated[str, Field(max_length=256)] | None = None
     late: bool | None = None
+    approved_by: Annotated[str, Field(max_length=256)] | None = None
     time: AwareDatetime | None = None
     duration_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
 

@@ -189,5 +189,10 @@ def approvals_bucket(subjects: Subjects) -> str:
     return f"{subjects.bucket_prefix}_approvals"
 
 
+def schedules_bucket(subjects: Subjects) -> str:
+    """When each host's schedules last ran (`<host>.<schedule>`), for the misfire policy after a restart."""
+    return f"{subjects.bucket_prefix}_schedules"
+
+
 def approval_key(host: str, approval_id: str) -> str:
     return f"{host}.{approval_id}"
