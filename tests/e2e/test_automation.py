@@ -287,6 +287,29 @@ async def test_a_schedule_runs_now_through_the_gate_and_lists_its_next_runs(oper
     await until(lambda: audit.where(id=result["id"], status="ok"), 20, "the schedule's record")
 
 
+async def test_the_cli_lists_tests_explains_and_answers(up: AutomatedUp, operator: tuple[Client, Audit]) -> None:
+    nc, audit = operator
+    listed = await asyncio.to_thread(up.cli, "rules", "list")
+    assert listed.returncode == 0 and "echo-hot" in listed.stdout and "REFUSED broken" in listed.stdout
+    assert "column 15" in listed.stdout
+    tested = await asyncio.to_thread(up.cli, "rules", "test", "echo-hot", "--event",
+                                     '{"type": "bench.hot", "value": 50.0, "data": {"seq": 1}}')
+    assert tested.returncode == 1 and '"matched": false' in tested.stdout
+    explained = await asyncio.to_thread(up.cli, "rules", "explain", "--last", "3")
+    assert explained.returncode == 0 and "echo-hot" in explained.stdout
+    schedules = await asyncio.to_thread(up.cli, "schedule", "list")
+    assert schedules.returncode == 0 and "nightly-echo" in schedules.stdout and "Europe/Paris" in schedules.stdout
+    approval_id = await held(nc, audit, 700)
+    pending = await asyncio.to_thread(up.cli, "approvals")
+    assert pending.returncode == 0 and approval_id in pending.stdout
+    approved = await asyncio.to_thread(up.cli, "approve", approval_id, "-m", "looks fine")
+    assert approved.returncode == 0 and '"status": "ok"' in approved.stdout, approved.stderr
+    again = await asyncio.to_thread(up.cli, "deny", approval_id)
+    assert again.returncode == 1 and "already approved" in again.stderr
+    missing = await asyncio.to_thread(up.cli, "schedule", "run", "nope")
+    assert missing.returncode == 1 and "no schedule" in missing.stderr
+
+
 async def test_a_pending_approval_survives_an_agent_restart(base: Path, up: AutomatedUp,
                                                             operator: tuple[Client, Audit]) -> None:
     nc, audit = operator
