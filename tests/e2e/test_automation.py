@@ -238,6 +238,11 @@ async def test_approved_runs_once_even_when_two_approvers_answer_at_once(
     [ran] = audit.where(id=approval_id, status="ok")
     assert ran["approved_by"] == f"tuxpilot-{HOST}-operator" and ran["source"] == "rule"
     assert (await control(nc, "approvals", {}))["approvals"] == []
+    # The same event again (a redelivery): not held again, not run again
+    again = Event.new("bench.held", HOST, value=1.0, data={"seq": 200}).model_copy(update={"id": ran["event_id"]})
+    await nc.publish(f"tuxpilot.evt.{HOST}.bench.held", again.to_json())
+    await until(lambda: audit.where(id=approval_id, status="duplicate"), 20, "the duplicate record")
+    assert len(audit.where(id=approval_id, status="ok")) == 1
 
 
 async def test_denied_is_audited_and_not_run(operator: tuple[Client, Audit]) -> None:

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from tuxpilot.agent.approvals import ApprovalStore, required, timeout_for
 from tuxpilot.agent.rules import Proposed, RuleSet, Throttle, Verdict, event_scope
 from tuxpilot.agent.schedules import Schedule, Schedules, upcoming_times
-from tuxpilot.agent.steps import Case, action_id
+from tuxpilot.agent.steps import Case, Stop, action_id
 from tuxpilot.bus.streams import bounded_bucket
 from tuxpilot.lifetime import Part
 from tuxpilot.protocol import schemas
@@ -271,7 +271,15 @@ class Automation(Part):
         )
         if await self.store.open(approval):
             await self.nc.publish(self.subjects.approval(approval.id), approval.to_json())
-        return why
+            return why
+        # The same action held before (a redelivery, or a plugin proposing what a rule did for one event).
+        earlier, _ = await self.store.get(approval.id)
+        if earlier.state is ApprovalState.denied:
+            raise Stop(Status.refused, Reason.approval_denied, f"denied by {earlier.decided_by} before")
+        if earlier.state is ApprovalState.expired:
+            raise Stop(Status.expired, Reason.approval_expired, "its approval expired before")
+        # pending: held still; approved: the claim step says it ran (or runs) once already
+        return why if earlier.state is ApprovalState.pending else None
 
     async def _on_approve(self, msg: Msg) -> None:
         approval_id = msg.subject.rsplit(".", 1)[-1]
