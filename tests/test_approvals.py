@@ -7,9 +7,9 @@ from datetime import timedelta
 
 import pytest
 from nats.aio.client import Client
-from tuxpilot.agent.approvals import ApprovalPolicy, ApprovalStore, Conflict, Expired, required
+from tuxpilot.agent.approvals import ApprovalPolicy, ApprovalStore, Expired, required
 from tuxpilot.protocol.approvals import Approval, ApprovalState, Decision
-from tuxpilot.protocol.errors import Forbidden, NotFound
+from tuxpilot.protocol.errors import Conflict, Forbidden, NotFound
 from tuxpilot.protocol.models import new_id, now
 from tuxpilot.protocol.names import Subjects
 

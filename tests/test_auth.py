@@ -311,3 +311,15 @@ def _toml(doc: dict[str, Any]) -> str:
     import tomlkit
 
     return tomlkit.dumps(doc)
+
+
+def test_approval_requests_only_for_a_plugin_that_declares_them() -> None:
+    subjects = Subjects(prefix="tuxpilot", host="h")
+    quiet = auth.plugin_user(subjects, Manifest.from_doc(DEMO))
+    listening = auth.plugin_user(subjects, Manifest.from_doc({**DEMO, "approval_requests": True}))
+    assert "tuxpilot.approval.h.*" not in quiet.subscribe
+    assert "tuxpilot.approval.h.*" in listening.subscribe
+    for user in (quiet, listening):  # no plugin answers an approval
+        assert not any(p.startswith("tuxpilot.approve") for p in user.publish)
+    operator = auth.operator_user(subjects)
+    assert "tuxpilot.approve.>" in operator.publish and "tuxpilot.approval.>" in operator.subscribe

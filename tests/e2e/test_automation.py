@@ -315,6 +315,34 @@ async def test_the_cli_lists_tests_explains_and_answers(up: AutomatedUp, operato
     assert missing.returncode == 1 and "no schedule" in missing.stderr
 
 
+async def test_rules_are_reloaded_live_when_the_config_changes(base: Path, operator: tuple[Client, Audit]) -> None:
+    nc, audit = operator
+    config = base / "tuxpilot.toml"
+    config.write_text(CONFIG + """
+[[rules]]
+name = "added-live"
+events = ["bench.live"]
+[[rules.actions]]
+plugin = "noop"
+action = "echo"
+params = { seq = "{{ event.data.seq }}" }
+""")
+
+    async def loaded() -> bool:
+        names = {r["name"] for r in (await control(nc, "rules", {"op": "list"}))["rules"]}
+        return "added-live" in names
+
+    for _ in range(200):
+        if await loaded():
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("the new rule was never loaded")
+    event = await emit(nc, "live", 1.0, 800)
+    await until(lambda: audit.where(event_id=event.id, status="ok"), 20, "the new rule's run")
+    config.write_text(CONFIG)
+
+
 async def test_a_pending_approval_survives_an_agent_restart(base: Path, up: AutomatedUp,
                                                             operator: tuple[Client, Audit]) -> None:
     nc, audit = operator

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tuxpilot.bus.streams import bounded_bucket
 from tuxpilot.protocol.approvals import Approval, ApprovalState, Decision
-from tuxpilot.protocol.errors import Forbidden, NotFound, TuxPilotError
+from tuxpilot.protocol.errors import Conflict, Forbidden, NotFound
 from tuxpilot.protocol.models import now
 from tuxpilot.protocol.names import Subjects, approval_key, approvals_bucket
 
@@ -29,12 +29,8 @@ log = structlog.get_logger("tuxpilot.approvals")
 CAS_ATTEMPTS = 5
 
 
-class Conflict(TuxPilotError):
-    code = "conflict"
-
-
-class Expired(TuxPilotError):
-    code = "expired"
+class Expired(Conflict):
+    """Too late: the approval expired (an answer then is a conflict with its state, 409)."""
 
 
 class ApprovalPolicy(BaseModel):

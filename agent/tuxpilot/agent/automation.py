@@ -26,7 +26,7 @@ from nats.js.kv import KeyValue
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 from pydantic import ValidationError
 
-from tuxpilot.agent.approvals import ApprovalStore, required, timeout_for
+from tuxpilot.agent.approvals import ApprovalStore, Expired, required, timeout_for
 from tuxpilot.agent.rules import Proposed, RuleSet, Throttle, Verdict, event_scope
 from tuxpilot.agent.schedules import Schedule, Schedules, upcoming_times
 from tuxpilot.agent.steps import Case, Stop, action_id
@@ -305,9 +305,8 @@ class Automation(Part):
             raise BadRequest("an answer must be a request with a reply inbox: it names the approver")
         try:
             approval = await self.store.decide(approval_id, decision, by, approvers=self.config.approvals.approvers)
-        except TuxPilotError as exc:
-            if exc.code == "expired":
-                await self._record_expired((await self.store.get(approval_id))[0])
+        except Expired:
+            await self._record_expired((await self.store.get(approval_id))[0])
             raise
         case = self._resumed(approval)
         case.approved_by = by
