@@ -313,10 +313,10 @@ def _toml(doc: dict[str, Any]) -> str:
     return tomlkit.dumps(doc)
 
 
-def test_approval_requests_only_for_a_plugin_that_declares_them() -> None:
+def test_approval_requests_only_for_a_plugin_that_reads_them() -> None:
     subjects = Subjects(prefix="tuxpilot", host="h")
     quiet = auth.plugin_user(subjects, Manifest.from_doc(DEMO))
-    listening = auth.plugin_user(subjects, Manifest.from_doc({**DEMO, "approval_requests": True}))
+    listening = auth.plugin_user(subjects, Manifest.from_doc({**DEMO, "reads": ["approvals"]}))
     assert "tuxpilot.approval.h.*" not in quiet.subscribe
     assert "tuxpilot.approval.h.*" in listening.subscribe
     for user in (quiet, listening):  # no plugin answers an approval
