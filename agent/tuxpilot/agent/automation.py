@@ -383,12 +383,8 @@ class Automation(Part):
             else:
                 upcoming = self.schedules.upcoming() if self.schedules else []
                 body = {
-                    "schedules": [
-                        {**u.spec.model_dump(mode="json"), "next_runs": [
-                            t.isoformat() for t in ([u.next_run] if u.next_run else [])
-                            + upcoming_times(u.spec, u.next_run, 2)[0:2]] if u.next_run else []}
-                        for u in upcoming
-                    ],
+                    "schedules": [{**u.spec.model_dump(mode="json"), "next_runs": _next_runs(u.spec, u.next_run)}
+                                  for u in upcoming],
                     "refused": self.schedule_refused,
                 }
         except TuxPilotError as exc:
@@ -405,6 +401,13 @@ class Automation(Part):
             await _respond(msg, error=exc)
             return
         await _respond(msg, body=json.dumps(body).encode())
+
+
+def _next_runs(spec: Schedule, first: datetime | None, count: int = 3) -> list[str]:
+    """The next run APScheduler holds, and the ones after it, in the schedule's time zone."""
+    if first is None:
+        return []
+    return [t.isoformat() for t in [first, *upcoming_times(spec, first, count - 1)]]
 
 
 def _mtime(path: Path | None) -> float | None:
