@@ -111,7 +111,9 @@ class Config(HostSettings):
     fleet: FleetConfig = FleetConfig()
     plugin_dirs: list[Path] = Field(default_factory=list, description="Folders searched for plugins.")
     run_plugins: list[str] = Field(["sysmon"], description="Local plugins `tuxpilot up` starts and supervises.")
-    labels: dict[str, str] = Field(default_factory=dict, description='This host\'s labels (role = "web") for rules, over [fleet] labels.')
+    labels: dict[str, str] = Field(
+        default_factory=dict, description='This host\'s labels (role = "web") for rules, over [fleet] labels.'
+    )
     # Rules and schedules are checked one by one when loaded (agent/rules.py, agent/schedules.py): a broken
     # one is refused with its error and the others work, so the whole config is not refused for it.
     rules: list[dict[str, Any]] = Field(default_factory=list, description="[[rules]]: see the README's Rules.")
