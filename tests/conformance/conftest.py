@@ -64,6 +64,9 @@ class Implementation:
     programs: tuple[str, ...] = ()  # what must be on PATH to run it (e.g. node)
     build: tuple[str, ...] = ()  # a command run in the copied folder before the host loads it
     manifest_extra: str = ""  # appended to the test manifest
+    # What a handler that fails unexpectedly answers: an SDK's exception is `internal`; a wasm guest's
+    # trap is `plugin_fault` (docs/protocol.md, error codes).
+    crash_error: tuple[str, int] = ("internal", 500)
 
 
 IMPLEMENTATIONS = [
@@ -73,7 +76,7 @@ IMPLEMENTATIONS = [
     # C compiled to WebAssembly (guests/c); its counters need the one instance the manifest opts into.
     Implementation("wasm", HERE / "wasm", runtime="wasm", entry_point="plugin.wasm", programs=("clang",),
                    build=("sh", str(HERE / "wasm" / "build.sh"), "plugin.wasm"),
-                   manifest_extra="\n[config]\nsandbox_keep_state = true\n"),
+                   manifest_extra="\n[config]\nsandbox_keep_state = true\n", crash_error=("plugin_fault", 502)),
 ]
 
 

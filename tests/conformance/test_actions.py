@@ -12,7 +12,7 @@ from nats.aio.msg import Msg
 from tuxpilot.protocol import schemas
 from tuxpilot.protocol.errors import PLUGIN_STATUS_CODES
 
-from tests.conformance.conftest import Bus
+from tests.conformance.conftest import Bus, Implementation
 
 pytestmark = pytest.mark.slow
 
@@ -77,8 +77,9 @@ async def test_a_plugins_own_error_code_is_sent_as_500(bus: Bus) -> None:
     error(await bus.request("fail", {"code": "disk_on_fire"}), "disk_on_fire", 500)
 
 
-async def test_an_unexpected_exception_is_internal(bus: Bus) -> None:
-    error(await bus.request("crash"), "internal", 500)
+async def test_an_unexpected_failure_has_the_implementations_code(bus: Bus, request: pytest.FixtureRequest) -> None:
+    impl: Implementation = request.node.callspec.params["implementation"]
+    error(await bus.request("crash"), *impl.crash_error)
     assert ok(await bus.request("echo")) == {"text": "hello", "n": 1}  # and the plugin lives on
 
 

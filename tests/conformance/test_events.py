@@ -76,8 +76,10 @@ async def test_a_redelivered_events_proposal_is_stored_once(bus: Bus) -> None:
     assert {proposal_of(m)["id"] for m in published} == {expected}
     stored = [m for m in await bus.stored_proposals() if proposal_of(m)["event_id"] == event.id]
     assert len(stored) == 1
-    # One publish from the redelivery (n=2), one from the first delivery when it woke (n=1).
-    assert sorted(proposal_of(m)["actions"][0]["params"]["n"] for m in published) == [1, 2]
+    # A publish from the redelivery (n=2) and one from the first delivery when it woke (n=1). An
+    # implementation that handles one event at a time (a wasm instance) lets the server redeliver
+    # once more meanwhile (n=3): more publishes, still one stored proposal.
+    assert {1, 2} <= {proposal_of(m)["actions"][0]["params"]["n"] for m in published}
 
 
 async def test_a_failing_handlers_event_comes_back_after_the_configured_backoff(bus: Bus) -> None:

@@ -92,10 +92,10 @@ def plugin_list(
         add_row(grid, "\n".join(about), f"{r['category'] or '-'}\n{r['runtime'] or '-'}", "\n".join(r["actions"]),
                 "\n".join(r["granted"]))
     out.print(grid)
-    # Why not, one line each under the table: a reason names paths and would not fit a cell.
+    # Why not, under the table: a reason names paths and would not fit a cell; wrapped to the width.
     for r in rows:
         if not r["runnable"]:
-            out.print(f"{r['name']} ({r['path']}) is not runnable: {r['problem']}", markup=False)
+            out.print(f"{r['name']} ({r['path']}) is not runnable: {r['problem']}", markup=False, soft_wrap=False)
 
 
 def _grant(ctx: typer.Context, name: str, permissions: list[str], *, revoke: bool) -> None:
