@@ -63,6 +63,7 @@ from tuxpilot.protocol.names import (
     caller_of,
     gate_queue,
 )
+from tuxpilot.protocol.registry import GATE_KIND, KIND_KEY
 
 __all__ = ["Cooldowns", "Gate", "Stop", "action_id", "parse_proposal", "reply_to_result"]
 
@@ -203,7 +204,7 @@ class Gate(Part):
             # Unlimited: a proposal is only redelivered for back-pressure or after an agent crash.
             max_deliver=-1,
             max_in_flight=self.config.gate.max_concurrency,
-            metadata={"tuxpilot": "gate", "host": self.subjects.host},
+            metadata={KIND_KEY: GATE_KIND, "host": self.subjects.host},
         )
         await self.consumer.start()
         await self._serve()
@@ -407,7 +408,7 @@ class Gate(Part):
             name=GATE_SERVICE,
             version=_service_version(),
             description=f"TuxPilot's gate on {self.subjects.host}: every action call is checked and audited",
-            metadata={"tuxpilot": "gate", "host": self.subjects.host},
+            metadata={KIND_KEY: GATE_KIND, "host": self.subjects.host},
             queue_group=gate_queue(self.subjects.host),
         )
         for _, manifest in sorted(self.registry.all().items()):

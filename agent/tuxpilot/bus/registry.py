@@ -14,6 +14,7 @@ from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 
 from tuxpilot.protocol.names import Names, Subjects
+from tuxpilot.protocol.registry import Announcement
 
 
 async def open_bucket(js: JetStreamContext, subjects: Subjects, replicas: int = 1) -> KeyValue:
@@ -49,7 +50,7 @@ async def live_instances(
                 ping = json.loads(msg.data)
                 meta = ping.get("metadata") or {}
                 # Plugins only: the gates' own service (`tuxpilot-gate`) answers the same ping.
-                if meta.get("tuxpilot") == "plugin" and (host is None or meta.get("host") == host):
+                if Announcement.is_plugin(meta, host):
                     found.append(ping)
     finally:
         await sub.unsubscribe()

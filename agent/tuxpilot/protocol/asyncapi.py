@@ -28,6 +28,7 @@ from tuxpilot.protocol.names import (
     proposal_id,
     registry_key,
 )
+from tuxpilot.protocol.registry import Announcement
 
 ASYNCAPI_VERSION = "3.0.0"
 # The schemas are JSON Schema 2020-12, which AsyncAPI carries as a multi-format schema.
@@ -173,16 +174,7 @@ def _messages() -> dict[str, Any]:
 
 
 def _plugin_metadata() -> dict[str, Any]:
-    keys = {
-        "tuxpilot": "Always `plugin`.",
-        "host": "The host id.",
-        "plugin": "The plugin's name.",
-        "version": "The manifest's version.",
-        "instance": "A random id of this process.",
-        "api_version": f"The manifest's api_version (this document: {API_VERSION}).",
-        "user": "The OS user the process really runs as.",
-        "pid": "The process id.",
-    }
+    keys = {**Announcement.MEANING, "api_version": f"The manifest's api_version (this document: {API_VERSION})."}
     return {
         "type": "object",
         "required": list(keys),

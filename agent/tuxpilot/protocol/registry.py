@@ -5,7 +5,7 @@ plugin its host loaded. Mirrors `schemas/registry.json`; written by the agent on
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import AwareDatetime, Field, ValidationError
 
@@ -61,3 +61,43 @@ class RegistryEntry(Doc):
         if entry.plugin != entry.manifest.name:
             raise BadRequest(f"registry entry of {entry.plugin!r} holds the manifest of {entry.manifest.name!r}")
         return entry
+
+
+# The `tuxpilot` key of a micro service's metadata says what kind of TuxPilot service it is.
+KIND_KEY = "tuxpilot"
+PLUGIN_KIND = "plugin"
+GATE_KIND = "gate"
+
+
+class Announcement(Doc):
+    """A plugin instance's announcement: the metadata of its NATS micro service (`$SRV.INFO`, `$SRV.PING`).
+    Information for `status`, never trusted by the gate; every value is a string, as micro requires."""
+
+    host: str
+    plugin: str
+    version: str
+    instance: str
+    api_version: str
+    user: str
+    pid: str
+
+    # What each key means, for the protocol documents (docs/protocol.md, the AsyncAPI document).
+    MEANING: ClassVar[dict[str, str]] = {
+        KIND_KEY: f"Always `{PLUGIN_KIND}`.",
+        "host": "The host id.",
+        "plugin": "The plugin's name.",
+        "version": "The manifest's version.",
+        "instance": "A random id of this process.",
+        "api_version": "The manifest's api_version.",
+        "user": "The OS user the process really runs as.",
+        "pid": "The process id.",
+    }
+
+    def to_metadata(self) -> dict[str, str]:
+        return {KIND_KEY: PLUGIN_KIND, **self.model_dump()}
+
+    @staticmethod
+    def is_plugin(metadata: dict[str, Any] | None, host: str | None = None) -> bool:
+        """Whether `metadata` announces a plugin instance (of `host`, if given): a gate answers the same pings."""
+        meta = metadata or {}
+        return meta.get(KIND_KEY) == PLUGIN_KIND and (host is None or meta.get("host") == host)

@@ -59,13 +59,13 @@ from tuxpilot.protocol.manifest import Manifest
 from tuxpilot.protocol.manifest import load as load_manifest
 from tuxpilot.protocol.models import Event, Proposal, ProposedAction, Result, new_id
 from tuxpilot.protocol.names import ACTION_ID_HEADER, EVENT_ID_HEADER, MSG_ID_HEADER, Subjects, proposal_id
+from tuxpilot.protocol.registry import Announcement
 from tuxpilot.sdk import command
 from tuxpilot.sdk.settings import PluginProcessSettings, load_plugin_settings
 
 MAX_PARAMS_BYTES = 256 * 1024
 # Replies kept by action id, so a re-sent request is answered without running the action again.
 REMEMBERED_REPLIES = 10_000
-PLUGIN_KIND = "plugin"  # the `tuxpilot` key of a plugin instance's micro service metadata
 
 
 class ActionError(TuxPilotError):
@@ -350,17 +350,16 @@ class _Running:
             name=p.name,
             version=p.manifest.version,
             description=p.manifest.description[:256],
-            metadata={
-                "tuxpilot": PLUGIN_KIND,
-                "host": self.subjects.host,
-                "plugin": p.name,
-                "version": p.manifest.version,
-                "instance": self.instance,
-                "api_version": p.manifest.api_version,
+            metadata=Announcement(
+                host=self.subjects.host,
+                plugin=p.name,
+                version=p.manifest.version,
+                instance=self.instance,
+                api_version=p.manifest.api_version,
                 # Who this instance really runs as, for `tuxpilot status` (root under a root agent: unconfined).
-                "user": _user_name(),
-                "pid": str(os.getpid()),
-            },
+                user=_user_name(),
+                pid=str(os.getpid()),
+            ).to_metadata(),
             queue_group=p.name,
             stats_handler=self._stats,
         )
