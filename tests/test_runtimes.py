@@ -30,7 +30,7 @@ from tuxpilot.runtimes.host import PluginHost
 from tuxpilot.runtimes.loader import installed
 from tuxpilot.runtimes.settings import own_user
 
-from tests.conftest import tuxpilot_exe
+from tests.conftest import need, tuxpilot_exe
 from tests.test_confine import proc_limits
 
 HOST = "test-host"
@@ -311,8 +311,7 @@ async def test_an_agent_refuses_what_it_cannot_run_and_status_shows_why_and_the_
 async def test_a_javascript_plugin_gets_its_memory_limit_as_v8s_heap_not_as_address_space(tmp_path: Path) -> None:
     """node does not even start under a 64 MiB RLIMIT_AS; with the limit as --max-old-space-size it runs,
     and V8 reports a heap limit of that order; the address space is capped with V8's headroom on top."""
-    if shutil.which("node") is None:
-        pytest.skip("node is not installed")
+    need("node", shutil.which("node") is not None, "node is not on PATH")
     base = tmp_path / "plugins"
     script = (
         "const fs = require('fs'); const v8 = require('v8');\n"
@@ -344,8 +343,9 @@ async def test_a_javascript_plugin_gets_its_memory_limit_as_v8s_heap_not_as_addr
 async def test_as_root_a_javascript_plugin_runs_as_its_own_user_once_node_is_probed_for_it() -> None:
     """The host asks the kernel whether the plugin's user can run node (`node --version` as that user)
     before it drops to it; then the plugin runs as `tuxpilot-p-<name>`."""
-    if os.geteuid() != 0 or shutil.which("node") is None:
-        pytest.skip("needs root and node")
+    if os.geteuid() != 0:
+        pytest.skip("needs root: it creates the plugin's user")
+    need("node", shutil.which("node") is not None, "node is not on PATH")
     root = Path(tempfile.mkdtemp(prefix="tuxpilot-js-"))
     os.chmod(root, 0o755)  # mkdtemp makes it 0700: the plugin user must pass through
     try:
