@@ -98,3 +98,8 @@ def test_small_bench_gives_one_result_per_event_and_every_figure(tmp_path: Path)
     agent = doc["agent"]
     assert agent["ready_s"] > 0 and agent["rss_mb"] >= agent["uss_mb"] > 0
     assert agent["idle_cpu_pct"] is None  # only with --idle
+    # The default install's footprint: the agent, its embedded server and its default plugin, and the sum.
+    assert agent["server"]["rss_mb"] > 0 and agent["plugins"]["sysmon"]["rss_mb"] > 0
+    parts = agent["rss_mb"] + agent["server"]["rss_mb"] + sum(p["rss_mb"] for p in agent["plugins"].values())
+    assert agent["total_rss_mb"] == pytest.approx(parts)
+    assert agent["total_idle_cpu_pct"] is None

@@ -517,11 +517,21 @@ class AgentFigures:
     rss_mb: float | None = None
     uss_mb: float | None = None  # its private memory: RSS less the library pages all TuxPilot processes share
     idle_cpu_pct: float | None = None
-    children: dict[str, dict[str, float | None]] = field(default_factory=dict)  # its server, its plugins
+    server: dict[str, float | None] | None = None  # the embedded nats-server `up` started
+    plugins: dict[str, dict[str, float | None]] = field(default_factory=dict)  # by plugin name
+
+    def _total(self, key: str) -> float | None:
+        parts = [self.rss_mb if key == "rss_mb" else self.uss_mb if key == "uss_mb" else self.idle_cpu_pct]
+        parts += [kid.get(key) for kid in (self.server or {key: None}, *self.plugins.values())]
+        return None if any(v is None for v in parts) else round(sum(v for v in parts if v is not None), 3)
 
     def summary(self) -> dict[str, Any]:
+        # The totals are the default install's footprint on a host: agent, its server, its plugins.
+        # RSS counts the library pages they share once per process (what `ps` shows); USS does not.
         return {"rss_mb": self.rss_mb, "uss_mb": self.uss_mb, "idle_cpu_pct": self.idle_cpu_pct,
-                "ready_s": self.ready_s, "children": self.children}
+                "ready_s": self.ready_s, "server": self.server, "plugins": self.plugins,
+                "total_rss_mb": self._total("rss_mb"), "total_uss_mb": self._total("uss_mb"),
+                "total_idle_cpu_pct": self._total("idle_cpu_pct")}
 
 
 def measure_agent(state_dir: Path, idle_s: float | None = None) -> AgentFigures:
@@ -561,11 +571,15 @@ def measure_agent(state_dir: Path, idle_s: float | None = None) -> AgentFigures:
         for p, before in kids.values():
             with contextlib.suppress(psutil.Error):
                 kid = p.memory_full_info()
-                figures.children[_label(p)] = {
+                found: dict[str, float | None] = {
                     "rss_mb": round(kid.rss / 2**20, 1),
                     "uss_mb": round(kid.uss / 2**20, 1),
                     "idle_cpu_pct": round((_cpu_s(p) - before) / elapsed * 100, 3) if idle_s else None,
                 }
+                if "nats-server" in p.name():
+                    figures.server = found
+                else:  # `up` starts nothing else but its plugins
+                    figures.plugins[_plugin_of(p)] = found
         return figures
     finally:
         proc.terminate()
@@ -576,11 +590,10 @@ def measure_agent(state_dir: Path, idle_s: float | None = None) -> AgentFigures:
             proc.wait()
 
 
-def _label(p: psutil.Process) -> str:
+def _plugin_of(p: psutil.Process) -> str:
+    """The plugin a child of `up` runs: the folder its command line ends with."""
     cmd = p.cmdline()
-    if cmd[-2:-1] == ["tuxpilot.sdk.process"] or cmd[-3:-1] == ["plugin", "run"]:
-        return f"plugin {Path(cmd[-1]).name}"
-    return Path(cmd[0]).name if cmd else p.name()
+    return Path(cmd[-1]).name if cmd else p.name()
 
 
 # -- the whole bench -----------------------------------------------------------------------------
@@ -721,6 +734,12 @@ def render(doc: dict[str, Any]) -> None:
     idle = f"{a['idle_cpu_pct']:.2f} % of a core" if a["idle_cpu_pct"] is not None else "not measured (--idle)"
     out.print(f"tuxpilot up: ready in {_cell(a['ready_s'])} s, agent RSS {_cell(a['rss_mb'])} MB "
               f"(private {_cell(a['uss_mb'])} MB), idle CPU {idle}")
+    for name, kid in (("nats-server", a["server"]), *((f"plugin {k}", v) for k, v in a["plugins"].items())):
+        if kid is not None:
+            kid_idle = f", idle CPU {kid['idle_cpu_pct']:.2f} %" if kid["idle_cpu_pct"] is not None else ""
+            out.print(f"  {name}: RSS {_cell(kid['rss_mb'])} MB (private {_cell(kid['uss_mb'])} MB){kid_idle}")
+    total_idle = f", idle CPU {a['total_idle_cpu_pct']:.2f} %" if a["total_idle_cpu_pct"] is not None else ""
+    out.print(f"  in all: RSS {_cell(a['total_rss_mb'])} MB (private {_cell(a['total_uss_mb'])} MB){total_idle}")
 
 
 if __name__ == "__main__":
