@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated
 
 import nats
-import tomlkit
 import typer
 
 from tuxpilot.agent.config import write_private
@@ -127,6 +126,8 @@ def join(
         shutil.copyfile(enrollment, kept)
     kept.chmod(0o600)
     creds = member.write_creds(config.state_dir, doc, "agent")
+    import tomlkit  # only this command writes TOML: the other commands (the daemon among them) skip it
+
     try:
         text = target.read_text() if target.exists() else ""
         document = tomlkit.parse(text)
