@@ -90,11 +90,13 @@ def test_each_runtime_says_how_it_starts_and_how_its_limits_map(tmp_path: Path) 
     assert launch.argv == [str(tmp_path / "bin" / "run.sh")] and launch.rlimits == limits
 
 
-def test_a_runtime_this_host_cannot_run_is_named_with_what_is_missing(tmp_path: Path) -> None:
+def test_a_runtime_this_host_cannot_run_is_named_with_what_is_missing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base = tmp_path / "plugins"
     make_plugin(base, "web", "javascript", "main.js", "process.exit(0)\n")
     make_plugin(base, "tiny", "wasm", "plugin.wasm", "\0asm")
-    make_plugin(base, "boxed", "container", "image.txt", "debian")
+    make_plugin(base, "boxed", "container", "image.tar", "", extra='image = "tuxpilot-boxed:1"\n')
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
     make_plugin(base, "noexec", script="#!/bin/sh\n")
     (base / "noexec" / "run.sh").chmod(0o644)
     make_plugin(base, "fine")
@@ -106,7 +108,8 @@ def test_a_runtime_this_host_cannot_run_is_named_with_what_is_missing(tmp_path: 
     )
     assert found["tiny"].problem == (f"runtime wasm cannot run here: its entry point {base}/tiny/plugin.wasm is not a "
                                      "valid WebAssembly module: unexpected end-of-file (at offset 0x4)")
-    assert found["boxed"].problem == "runtime container cannot run here: this TuxPilot has no container runtime yet"
+    assert found["boxed"].problem == ("runtime container cannot run here: no Docker engine answers at "
+                                      "unix:///nonexistent/docker.sock (DockerException)")
     assert found["noexec"].problem is not None and "is not executable" in found["noexec"].problem
     assert found["fine"].runnable
     # With node on the PATH the JavaScript plugin is runnable.

@@ -91,6 +91,8 @@ class Manifest(Spec):
     category: Category
     runtime: Runtime
     entry_point: str
+    # runtime = "container": the image the host runs (entry_point is then an image tarball for `docker load`).
+    image: str | None = None
     api_version: Annotated[str, Field(pattern=r"^[0-9]+$")] = API_VERSION
     dependencies: list[Dependency] = Field(default_factory=list)
     permissions: list[Permission] = Field(default_factory=list)
@@ -121,6 +123,9 @@ class Manifest(Spec):
                 f"{source}: api_version {manifest.api_version!r} is not a protocol version this TuxPilot speaks "
                 f"({', '.join(sorted(API_VERSIONS))})"
             )
+        if (manifest.runtime == "container") != (manifest.image is not None):
+            raise ConfigError(f"{source}: runtime 'container' and `image` go together: a container plugin names "
+                              "its image, no other runtime has one")
         for action, spec in manifest.actions.items():
             if spec.permission is not None and spec.permission not in manifest.permissions:
                 raise ConfigError(

@@ -27,12 +27,18 @@ class Launch:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)  # added to the plugin's launch environment
     rlimits: dict[str, int] = field(default_factory=dict)  # manifest limits the kernel enforces as rlimits
+    # The process runs as the agent's user, not the plugin's: it only stands for the plugin (a container
+    # the process starts on the engine, which runs the plugin as the plugin's user).
+    as_agent: bool = False
 
 
 class Runtime:
     """A manifest runtime. The defaults suit a program the kernel runs directly; subclasses say otherwise."""
 
     name: ClassVar[str]
+    # The plugin's user runs on this host and must pass through the state dir to its working dir and
+    # credential file; false for a runtime whose plugin gets them mounted (a container).
+    on_host: ClassVar[bool] = True
 
     def missing(self, folder: Path, manifest: Manifest, path: str) -> str | None:
         """What this host lacks to run the plugin (checked when it is loaded), or None. `path` is the PATH

@@ -195,11 +195,12 @@ class Plan:
         except KeyError:
             return str(os.geteuid())
 
-    def spawn_options(self, rlimits: dict[str, int] | None = None) -> dict[str, Any]:
+    def spawn_options(self, rlimits: dict[str, int] | None = None, *, as_agent: bool = False) -> dict[str, Any]:
         """Keyword arguments for asyncio.create_subprocess_exec / subprocess.Popen. `rlimits`: the limits
-        the plugin's runtime enforces as rlimits (all of them unless it says otherwise)."""
+        the plugin's runtime enforces as rlimits (all of them unless it says otherwise); `as_agent`: the
+        process keeps the agent's user (it stands for a plugin that runs elsewhere as the plugin's user)."""
         options: dict[str, Any] = {"preexec_fn": child_setup(self.limits if rlimits is None else rlimits)}
-        if self.account is not None:
+        if self.account is not None and not as_agent:
             # Always name the groups: CPython calls setgroups only for a non-empty list, and the
             # plugin must not keep the agent's supplementary groups.
             options.update(user=self.account.uid, group=self.account.gid, extra_groups=list(self.account.groups))
@@ -278,9 +279,11 @@ class Confinement:
         The directories TuxPilot owns below the state dir are handed over once the answer is yes.
         """
         runtime = runtime_of(manifest)
-        need = [(workdir.parent.parent, os.X_OK)]  # the state dir, and every directory above it
-        if credential is not None:
-            need.append((credential.parent.parent, os.X_OK))
+        need: list[tuple[Path, int]] = []
+        if runtime.on_host:
+            need.append((workdir.parent.parent, os.X_OK))  # the state dir, and every directory above it
+            if credential is not None:
+                need.append((credential.parent.parent, os.X_OK))
         need += runtime.needs(folder, manifest)
         problems = [(p, PATH_FIX) for path, bits in dict.fromkeys(need) if (p := unreachable(path, account, bits))]
         argv = runtime.probe(env.get("PATH", ""))

@@ -1,12 +1,131 @@
-"""The `container` runtime: not available yet, so a manifest asking for it is refused when loaded."""
+"""The `container` runtime: the plugin is an OCI image the host runs on the Docker engine (`DOCKER_HOST`)
+with the hardening flags, the HOST's manifest and the plugin's own credential file.
+
+The plugin host supervises one small process per container plugin (`python -m tuxpilot.runtimes.container_run`,
+run as the agent's user, since the engine's socket is root's): it creates and starts the container,
+streams its output, waits for it, and stops and removes it when it is told to stop or its parent dies. So
+backoff, crash loops and stopping work exactly as for a process plugin, and no container outlives its
+agent. The container runs as the plugin's own user (uid:gid), read-only, with no capabilities.
+
+How the manifest maps: `memory_mb` becomes the cgroup memory limit (swap included), `processes` the pids
+limit, `cpu_s` and `open_files` the container's RLIMIT_CPU and RLIMIT_NOFILE (the same meaning as for a
+process plugin), and `[plugins.<name>] cpus` (default 1) its CPU share.
+"""
 
 from __future__ import annotations
 
-from typing import ClassVar
+import asyncio
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from tuxpilot.runtimes.base import Unavailable
+from tuxpilot.protocol import launch
+from tuxpilot.protocol.errors import TuxPilotError
+from tuxpilot.protocol.manifest import Manifest
+from tuxpilot.runtimes.base import Launch, Runtime
+
+if TYPE_CHECKING:
+    from tuxpilot.runtimes.confine import Account
+
+RUN_MODULE = "tuxpilot.runtimes.container_run"
+# The process that stands for the container gets the container's spec here, as JSON (ContainerSpec).
+SPEC = launch.env_name("container")
+# Where the container finds its credential file (mounted read-only).
+CREDENTIAL_MOUNT = "/run/tuxpilot/credentials"
+LABEL_HOST, LABEL_PLUGIN = "org.tuxpilot.host", "org.tuxpilot.plugin"
+PING_TIMEOUT_S = 3.0
+LOAD_TIMEOUT_S = 300.0
 
 
-class Container(Unavailable):
+class ImageError(TuxPilotError):
+    code = "unavailable"
+
+
+def _client(timeout: float = PING_TIMEOUT_S) -> Any:
+    import docker  # only where a container plugin is loaded
+
+    return docker.from_env(timeout=timeout)
+
+
+class Container(Runtime):
     name: ClassVar[str] = "container"
-    lacking: ClassVar[str] = "this TuxPilot has no container runtime yet"
+    on_host: ClassVar[bool] = False
+    def missing(self, folder: Path, manifest: Manifest, path: str) -> str | None:
+        if importlib.util.find_spec("docker") is None:
+            return "the docker Python package is not installed (pip install docker)"
+        try:
+            client = _client()
+            try:
+                client.ping()
+            finally:
+                client.close()
+        except Exception as exc:  # docker raises its own and requests' errors; all mean "no engine"
+            where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+            return f"no Docker engine answers at {where} ({type(exc).__name__})"
+        return None
+
+    def launch(self, folder: Path, manifest: Manifest, limits: dict[str, int], path: str) -> Launch:
+        # No rlimits on the process standing for the container: the limits are the container's.
+        spec = {"image": manifest.image, "limits": limits, "manifest": manifest.to_doc()}
+        # It talks to the engine, whose socket is root's: it runs as the agent, the container as the plugin.
+        return Launch([sys.executable, "-m", RUN_MODULE, str(folder)], {SPEC: json.dumps(spec)}, {}, as_agent=True)
+
+    def needs(self, folder: Path, manifest: Manifest) -> list[tuple[Path, int]]:
+        return []  # the plugin's user reads nothing of the host's but its credential file, which is mounted
+
+    async def prepare(self, folder: Path, manifest: Manifest, log: Any) -> None:
+        await asyncio.to_thread(ensure_image, folder, manifest, log)
+
+
+def ensure_image(folder: Path, manifest: Manifest, log: Any) -> None:
+    """The engine has the manifest's image, or loads it from the plugin's tarball (its entry point); else
+    the plugin cannot start, which is said once instead of a crash loop."""
+    import docker.errors
+
+    assert manifest.image is not None
+    client = _client(LOAD_TIMEOUT_S)
+    try:
+        try:
+            client.images.get(manifest.image)
+            return
+        except docker.errors.ImageNotFound:
+            pass
+        tarball = folder / manifest.entry_point
+        if not tarball.is_file():
+            raise ImageError(f"the engine has no image {manifest.image} and {tarball} (a tarball for docker load) "
+                             "does not exist")
+        log.info("plugin.image_load", image=manifest.image, tarball=str(tarball))
+        with tarball.open("rb") as data:
+            loaded = client.images.load(data)
+        tags = [t for image in loaded for t in image.tags]
+        if manifest.image not in tags:
+            raise ImageError(f"{tarball} holds {', '.join(tags) or 'no tagged image'}, not {manifest.image}")
+        log.info("plugin.image_loaded", image=manifest.image)
+    except docker.errors.DockerException as exc:
+        raise ImageError(f"the Docker engine refused the image {manifest.image}: {exc}") from None
+    finally:
+        client.close()
+
+
+def container_name(host: str, plugin: str) -> str:
+    """One container per plugin and host: a leftover of a crashed agent is found, and removed, by name."""
+    return f"tuxpilot-{host}-{plugin}"
+
+
+def host_spec(spec: str, *, host: str, plugin: str, account: Account | None, credential: Path | None,
+              cpus: float) -> str:
+    """The launch's spec (image, limits, manifest) with what only the host knows: who the container runs
+    as (the plugin's own user, else the agent's), its credential file, its CPU share, its name and labels."""
+    doc = json.loads(spec)
+    if account is not None:
+        doc["user"], doc["groups"] = f"{account.uid}:{account.gid}", [g for g in account.groups if g != account.gid]
+    else:
+        doc["user"], doc["groups"] = f"{os.getuid()}:{os.getgid()}", []
+    doc.update(
+        name=container_name(host, plugin), credential=str(credential) if credential is not None else None,
+        cpus=cpus, network="host", labels={LABEL_HOST: host, LABEL_PLUGIN: plugin},
+    )
+    return json.dumps(doc)

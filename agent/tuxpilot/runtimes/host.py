@@ -23,6 +23,7 @@ from tuxpilot.protocol.errors import TuxPilotError
 from tuxpilot.protocol.manifest import Manifest
 from tuxpilot.protocol.models import Event, Severity
 from tuxpilot.protocol.plugin_state import Exit, PluginState, State
+from tuxpilot.runtimes import container
 from tuxpilot.runtimes.base import Launch
 from tuxpilot.runtimes.catalog import runtime_of
 from tuxpilot.runtimes.confine import Confinement, Plan
@@ -155,6 +156,12 @@ class PluginHost(Part):
             settings = self.config.plugin(plugin.name)
             dirs = sandbox_dirs(settings.sandbox_dirs, settings.granted(plugin.manifest))
             env[launch.SANDBOX_DIRS] = json.dumps(dirs)
+        if plugin.manifest.runtime == "container":
+            env[container.SPEC] = container.host_spec(
+                env[container.SPEC], host=self.config.host_id, plugin=plugin.name,
+                account=plan.account if plan is not None else None, credential=self.credentials.get(plugin.name),
+                cpus=self.config.plugin(plugin.name).cpus,
+            )
         return env
 
     async def start(self) -> None:
@@ -293,7 +300,7 @@ class PluginHost(Part):
                 env=self.environment(plugin),
                 cwd=workdir,
                 stdin=asyncio.subprocess.DEVNULL,
-                **plan.spawn_options(launch.rlimits),
+                **plan.spawn_options(launch.rlimits, as_agent=launch.as_agent),
             )
         except (OSError, ValueError) as exc:  # e.g. the user may not run the program
             plog.error("plugin.start_failed", error=f"{type(exc).__name__}: {exc}", user=plan.user)

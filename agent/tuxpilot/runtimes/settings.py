@@ -32,6 +32,9 @@ class PluginSettings(Section):
         description="A wasm plugin's directories: seen read-only with filesystem_read granted, writable with "
         "filesystem_write, not at all without either.",
     )
+    cpus: Annotated[float, Field(gt=0, le=1024)] = Field(
+        1.0, description="A container plugin's CPU share (docker --cpus).",
+    )
     history: bool = Field(
         False,
         description="A new plugin's consumer starts at the oldest event kept instead of at new events.",

@@ -46,7 +46,7 @@ from nats.micro.service import EndpointStats, Service
 from tuxpilot.bus import connect as bus
 from tuxpilot.bus import streams
 from tuxpilot.bus.consumer import Durable, redelivery_delay
-from tuxpilot.protocol import schemas
+from tuxpilot.protocol import launch, schemas
 from tuxpilot.protocol.errors import (
     ConfigError,
     Conflict,
@@ -176,9 +176,10 @@ class Plugin:
 
     @classmethod
     def here(cls, file: str | Path) -> Plugin:
-        """The plugin whose plugin.toml sits beside `file` (pass `__file__`)."""
+        """The plugin whose plugin.toml sits beside `file` (pass `__file__`); in a container, the manifest
+        the host loaded (`TUXPILOT_MANIFEST`) instead of the one the image carries."""
         folder = Path(file).resolve().parent
-        return cls(load_manifest(folder), folder)
+        return cls(given_manifest() or load_manifest(folder), folder)
 
     # -- declaring -------------------------------------------------------------------------------
 
@@ -568,6 +569,18 @@ def sibling(file: str | Path, name: str) -> ModuleType:
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def given_manifest() -> Manifest | None:
+    """The manifest the host handed over in the environment, if it did (a container plugin: the image's
+    own plugin.toml only says which file to import, never what the plugin serves)."""
+    doc = os.environ.get(launch.MANIFEST)
+    if not doc:
+        return None
+    try:
+        return Manifest.from_doc(json.loads(doc), source=launch.MANIFEST)
+    except ValueError as exc:
+        raise ConfigError(f"{launch.MANIFEST} is not JSON: {exc}") from None
 
 
 def load_plugin(folder: Path) -> Plugin:
