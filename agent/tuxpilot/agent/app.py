@@ -23,12 +23,14 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
+from tuxpilot.agent import installed as packages
 from tuxpilot.agent.automation import Automation
 from tuxpilot.agent.config import Config, load_config
 from tuxpilot.agent.fanout import FanOut
 from tuxpilot.agent.gate import Gate
 from tuxpilot.agent.handrun import HandRun
 from tuxpilot.agent.heartbeat import Heartbeat
+from tuxpilot.agent.installer import Installer
 from tuxpilot.agent.lock import state_dir_lock
 from tuxpilot.agent.monitor import Monitor, Reading
 from tuxpilot.agent.outbox import Outbox
@@ -36,13 +38,19 @@ from tuxpilot.agent.registry import Registry
 from tuxpilot.bus import auth
 from tuxpilot.bus import connect as bus
 from tuxpilot.bus.consumer import CHECK_EVERY_S
-from tuxpilot.bus.plugin_state import put_state, state_bucket
+from tuxpilot.bus.plugin_state import forget_state, put_state, state_bucket
 from tuxpilot.bus.registry import open_bucket
 from tuxpilot.bus.server import NatsServer
-from tuxpilot.bus.streams import create_plugin_consumer, ensure_streams, guard_plugin_consumers, replicas_for
+from tuxpilot.bus.streams import (
+    create_plugin_consumer,
+    delete_plugin_consumer,
+    ensure_streams,
+    guard_plugin_consumers,
+    replicas_for,
+)
 from tuxpilot.fleet import member
 from tuxpilot.fleet.heartbeat import open_heartbeats
-from tuxpilot.protocol.errors import ConfigError
+from tuxpilot.protocol.errors import ConfigError, Unavailable
 from tuxpilot.protocol.manifest import Manifest, builtin_dir
 from tuxpilot.protocol.models import Event, Metrics, Result, now
 from tuxpilot.protocol.names import Names, Subjects
@@ -66,8 +74,9 @@ def plugin_dirs(config: Config) -> list[Path]:
 
 
 def host_plugins(config: Config) -> Installed:
-    """Every plugin folder this host has: those it would load, and those it will not (and why)."""
-    return installed(config.plugin_dirs, builtin_dir(), config)
+    """Every plugin folder this host has: those it would load, and those it will not (and why). Plugins
+    installed from packages are among them, each its current version's folder."""
+    return installed([*config.plugin_dirs, *packages.folders(config.state_dir)], builtin_dir(), config)
 
 
 @dataclass(frozen=True)
@@ -87,7 +96,8 @@ def select_plugins(config: Config) -> LocalPlugins:
     run: dict[str, tuple[Path, Manifest]] = {}
     refused: dict[str, Found] = {}
     missing: list[str] = []
-    for name in config.run_plugins:
+    # A plugin installed from a package runs without being named in run_plugins.
+    for name in dict.fromkeys([*config.run_plugins, *packages.names(config.state_dir)]):
         if not config.plugin(name).enabled:
             continue
         chosen = found.plugins.get(name)
@@ -200,6 +210,7 @@ class Agent:
         self.registry: Registry | None = None
         self.gate: Gate | None = None
         self.handrun: HandRun | None = None
+        self.installer: Installer | None = None
         self._plugins: dict[str, tuple[Path, Manifest]] = {}  # what the host runs: name -> (folder, manifest)
         self._plugins_lock = asyncio.Lock()
         self._applying: set[asyncio.Task[None]] = set()
@@ -296,6 +307,8 @@ class Agent:
         # `tuxpilot plugin run` asks it to load a folder
         self.handrun = HandRun(nc, cfg, self.server, plugins, on_loaded=self.gate.add_plugin)
         await stack.enter_async_context(subscription(nc, self.handrun.subject, self.handrun.handle))
+        # `tuxpilot plugin install|update|remove` ask it to install from packages
+        self.installer = await stack.enter_async_context(Installer(self))
         if cfg.monitor.enabled:
             self.monitor = await stack.enter_async_context(
                 Monitor(cfg.monitor, cfg.host_id, self._publish_event, self._publish_metrics, reader=self.reader)
@@ -360,29 +373,69 @@ class Agent:
             current = self._plugins
             stop = [n for n, (folder, _) in current.items() if n not in wanted or wanted[n][0] != folder]
             start = {n: v for n, v in wanted.items() if n not in current or n in stop}
-            if self.host is not None:
-                for name in stop:
-                    await self.host.remove(name)
-                    del current[name]
-            if start:
-                credentials = await self.handrun.add_users({n: m for n, (_, m) in start.items()})
-                for name, (_, manifest) in start.items():
-                    await create_plugin_consumer(
-                        self.nc.jetstream(), manifest, self.subjects, self.config.streams,
-                        history=self.config.plugin(name).history,
-                    )
-                if self.host is None:
-                    host = PluginHost(self.config, self.url, {}, report=self._publish_event)
-                    self.host = await self._stack.enter_async_context(host)
-                for name, (folder, manifest) in start.items():
-                    current[name] = (folder, manifest)
-                    if self.gate is not None:
-                        await self.gate.add_plugin(manifest)
-                    self.host.add(name, folder, manifest, credentials.get(name))
+            for name in stop:
+                await self.stop_plugin(name)
+            for name, (folder, manifest) in start.items():
+                await self.start_plugin(name, folder, manifest)
             self.config.run_plugins, self.config.plugin_dirs = fresh.run_plugins, fresh.plugin_dirs
             if start or stop:
                 log.info("config.plugins_applied", started=sorted(start), stopped=sorted(stop),
                          running=sorted(current))
+
+    async def start_plugin(self, name: str, folder: Path, manifest: Manifest) -> None:
+        """Run one more plugin, without a restart: its NATS user, its durable consumer, the gate's manifest and
+        its registry entry, then its process under the plugin host's supervision. Callers hold `plugins_lock`."""
+        if self._stack is None or self.nc is None or self.handrun is None:
+            raise Unavailable("the agent is starting or stopping: try again")
+        credentials = await self._credentials({name: manifest})
+        await create_plugin_consumer(self.nc.jetstream(), manifest, self.subjects, self.config.streams,
+                                     history=self.config.plugin(name).history)
+        if self.host is None:
+            host = PluginHost(self.config, self.url, {}, report=self._publish_event, publish=self._publish_state)
+            self.host = await self._stack.enter_async_context(host)
+        self._plugins[name] = (folder, manifest)
+        if self.gate is not None:
+            await self.gate.add_plugin(manifest)
+        self.host.add(name, folder, manifest, credentials.get(name))
+
+    async def stop_plugin(self, name: str) -> None:
+        """Stop one plugin for good; its user, consumer and registry entry stay (`forget_plugin` drops them)."""
+        if self.host is not None:
+            await self.host.remove(name)
+        self._plugins.pop(name, None)
+
+    async def forget_plugin(self, manifest: Manifest) -> None:
+        """What the agent keeps for a stopped plugin, deleted: its NATS user and credential file, its durable
+        consumer, its registry entry and state, the gate's manifest."""
+        assert self.nc is not None and self.handrun is not None
+        name = manifest.name
+        if self.config.fleet.enrollment is not None:
+            member.forget_creds(self.config.state_dir, name)
+        else:
+            await self.handrun.drop_users([manifest])
+        await delete_plugin_consumer(self.nc.jetstream(), manifest, self.subjects)
+        if self.registry is not None:
+            await self.registry.remove(name)
+        if self._states is not None:
+            await forget_state(self._states, self.config.host_id, name)
+
+    async def _credentials(self, manifests: dict[str, Manifest]) -> dict[str, Path]:
+        """Each plugin's credential file: minted from the host's scoped key on a fleet's host (no server
+        change), else a user added to the embedded server (none without generated authorization)."""
+        assert self.handrun is not None
+        if self.config.fleet.enrollment is not None:
+            enrollment = member.load_enrollment(self.config.fleet.enrollment)
+            return {name: await asyncio.to_thread(member.write_creds, self.config.state_dir, enrollment, "plugin", name)
+                    for name in manifests}
+        return await self.handrun.add_users(manifests)
+
+    @property
+    def plugins_lock(self) -> asyncio.Lock:
+        """Held while the set of running plugins changes (a config edit, an install)."""
+        return self._plugins_lock
+
+    def running_plugins(self) -> dict[str, tuple[Path, Manifest]]:
+        return dict(self._plugins)
 
     async def _watch_config(self) -> None:
         path = self.config.source or default_config_path()

@@ -102,6 +102,15 @@ class FleetConfig(Section):
     )
 
 
+class InstallConfig(Section):
+    """How the agent installs and updates plugins from packages."""
+
+    health_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        30.0, description="A new or updated plugin must answer its health check within this; else it is undone "
+        "(install) or rolled back (update).",
+    )
+
+
 class Config(HostSettings):
     """The agent's whole configuration: the shared node settings, the plugin host's, and its own sections."""
 
@@ -109,6 +118,7 @@ class Config(HostSettings):
     monitor: MonitorConfig = MonitorConfig()
     gate: GateConfig = GateConfig()
     fleet: FleetConfig = FleetConfig()
+    install: InstallConfig = InstallConfig()
     plugin_dirs: list[Path] = Field(default_factory=list, description="Folders searched for plugins.")
     run_plugins: list[str] = Field(["sysmon"], description="Local plugins `tuxpilot up` starts and supervises.")
     labels: dict[str, str] = Field(
@@ -141,6 +151,24 @@ def edit_grants(path: Path, manifest: Manifest, current: frozenset[Permission], 
     section["permissions"] = [p.value for p in granted]
     write_private(path, tomlkit.dumps(doc))
     return granted
+
+
+def forget_grants(path: Path, name: str) -> bool:
+    """Take `[plugins.<name>] permissions` out of the TOML file at `path` (a plugin removed from the host: a
+    later plugin of the same name must not inherit what the operator granted this one). Whether it changed."""
+    import tomlkit
+
+    if not path.is_file():
+        return False
+    doc = tomlkit.parse(path.read_text())
+    section = doc.get("plugins", {}).get(name)
+    if section is None or "permissions" not in section:
+        return False
+    del section["permissions"]
+    if not section:
+        del doc["plugins"][name]
+    write_private(path, tomlkit.dumps(doc))
+    return True
 
 
 def write_private(path: Path, text: str) -> None:

@@ -47,6 +47,23 @@ def _read(folder: Path) -> tuple[Path, Manifest]:
     return folder.resolve(), load_manifest(folder)
 
 
+async def answer(nc: Client, msg: Msg, work: Callable[[bytes], Awaitable[dict[str, Any]]],
+                 headers: dict[str, str] | None = None) -> None:
+    """Answer an operator's request to the agent with what `work` returns, or with an `error` document (and
+    the micro error headers) when it raises; `headers` go on either reply."""
+    extra = dict(headers or {})
+    try:
+        reply: dict[str, Any] = await work(msg.data)
+    except Exception as exc:
+        if not isinstance(exc, TuxPilotError):
+            log.exception("agent_control.failed", subject=msg.subject)
+        reply = error_doc(exc)
+        status = exc.status if isinstance(exc, TuxPilotError) else 500
+        extra |= {ERROR_HEADER: reply["message"][:256], ERROR_CODE_HEADER: str(status)}
+    if msg.reply:
+        await nc.publish(msg.reply, json.dumps(reply).encode(), headers=extra or None)
+
+
 class HandRun:
     """Loads plugin folders for `plugin run` on request; one per agent."""
 
@@ -72,17 +89,7 @@ class HandRun:
         return self.subjects.agent_control(LOAD_PLUGIN)
 
     async def handle(self, msg: Msg) -> None:
-        headers: dict[str, str] | None = None
-        try:
-            reply: dict[str, Any] = await self.load(msg.data)
-        except Exception as exc:
-            if not isinstance(exc, TuxPilotError):
-                log.exception("handrun.failed")
-            reply = error_doc(exc)
-            status = exc.status if isinstance(exc, TuxPilotError) else 500
-            headers = {ERROR_HEADER: reply["message"][:256], ERROR_CODE_HEADER: str(status)}
-        if msg.reply:
-            await self.nc.publish(msg.reply, json.dumps(reply).encode(), headers=headers)
+        await answer(self.nc, msg, self.load)
 
     async def load(self, raw: bytes) -> dict[str, Any]:
         if len(raw) > MAX_REQUEST_BYTES:
@@ -136,3 +143,19 @@ class HandRun:
             if authorization != self.server.extra_config:
                 await asyncio.to_thread(self.server.reload, authorization)
         return {name: path for name, m in manifests.items() if (path := self._credential_file(m)) is not None}
+
+    async def drop_users(self, manifests: list[Manifest]) -> None:
+        """The users of these plugins (which no longer run) taken off the embedded server, their passwords
+        and credential files deleted."""
+        if self.server is None or not self.config.embedded.auth:
+            return
+        gone = {m.name for m in manifests}
+        async with self._lock:
+            every = {n: m for n, (_, m) in {**self.running, **self.loaded}.items() if n not in gone}
+            users = auth.users_for(self.subjects, every)
+            hashes = await asyncio.to_thread(auth.provision, self.config.state_dir, users)
+            await asyncio.to_thread(auth.forget, self.config.state_dir,
+                                    [auth.plugin_user(self.subjects, m).name for m in manifests])
+            authorization = auth.server_config(users, hashes)
+            if authorization != self.server.extra_config:
+                await asyncio.to_thread(self.server.reload, authorization)

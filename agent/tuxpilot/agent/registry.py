@@ -42,6 +42,14 @@ class Registry(Part):
         self._manifests[manifest.name] = self._running[manifest.name] = manifest
         await self._write(manifest)
 
+    async def remove(self, plugin: str) -> None:
+        """A plugin removed from the host: the gate no longer knows it, its entry leaves the bucket."""
+        self._manifests.pop(plugin, None)
+        self._running.pop(plugin, None)
+        kv = await open_bucket(self._nc.jetstream(), self._subjects)
+        await kv.delete(registry_key(self._subjects.host, plugin))
+        log.info("registry.removed", plugin=plugin)
+
     async def _write(self, manifest: Manifest) -> None:
         kv = await open_bucket(self._nc.jetstream(), self._subjects)
         entry = RegistryEntry.of(self._subjects.host, manifest)

@@ -84,6 +84,7 @@ def agent_user(subjects: Subjects) -> User:
                                                schedules_bucket(subjects))),
             subjects.approval("*"),  # approval requests it announces
             "$SRV.PING",
+            "$SRV.PING.*",  # one plugin's instances: the health check after an install or update
         ],
         subscribe=[
             f"{inbox_prefix(name)}.>",
@@ -219,6 +220,19 @@ def provision(state_dir: Path, users: list[User], url: str | None = None) -> dic
         _write_private(credential_file(state_dir, user.name), entry_doc.model_dump(exclude_none=True))
     _write_private(store, known)
     return hashes
+
+
+def forget(state_dir: Path, names: list[str]) -> None:
+    """Delete these users' passwords and credential files (a plugin removed from the host)."""
+    store = state_dir / CREDENTIALS_DIR / AUTH_FILE
+    try:
+        known: dict[str, dict[str, str]] = json.loads(store.read_text())
+    except (OSError, ValueError):
+        known = {}
+    for name in names:
+        known.pop(name, None)
+        credential_file(state_dir, name).unlink(missing_ok=True)
+    _write_private(store, known)
 
 
 def server_config(users: list[User], hashes: dict[str, str]) -> str:

@@ -35,6 +35,11 @@ async def put_state(kv: KeyValue, state: PluginState) -> None:
     await kv.put(registry_key(state.host, state.plugin), state.to_json()[:MAX_STATE_BYTES])
 
 
+async def forget_state(kv: KeyValue, host: str, plugin: str) -> None:
+    """A removed plugin's state, deleted."""
+    await kv.delete(registry_key(host, plugin))
+
+
 async def read_states(js: JetStreamContext, subjects: Subjects) -> dict[str, PluginState]:
     """Every host's plugin states, by `<host>.<plugin>`; empty when there is no bucket (yet)."""
     try:

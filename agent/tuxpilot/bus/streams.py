@@ -6,6 +6,7 @@ Created idempotently by whoever starts first; an existing stream is updated to t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -211,6 +212,12 @@ async def create_plugin_consumer(
     """What the agent does for each local plugin under generated authorization (plugins may not)."""
     if manifest.subscribes:
         await plugin_consumer(js, manifest, subjects, cfg, _no_handler, history=history).ensure()
+
+
+async def delete_plugin_consumer(js: Any, manifest: Manifest, subjects: Subjects) -> None:
+    """A removed plugin's durable consumer, deleted (none to delete is fine)."""
+    with contextlib.suppress(NotFoundError):
+        await js.delete_consumer(Names.of(subjects).events, plugin_consumer_name(manifest.name, subjects.host))
 
 
 async def guard_plugin_consumers(

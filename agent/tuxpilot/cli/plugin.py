@@ -15,6 +15,7 @@ import typer
 from tuxpilot.agent.app import host_plugins
 from tuxpilot.agent.config import Config
 from tuxpilot.bus.registry import instances_of
+from tuxpilot.cli import install
 from tuxpilot.cli.common import (
     EXIT_FAILED,
     EXIT_TIMEOUT,
@@ -34,6 +35,9 @@ from tuxpilot.protocol.names import Subjects
 from tuxpilot.settings import NatsConfig, default_config_path, environment_of
 
 app = typer.Typer(help="Plugins: list, run.", no_args_is_help=True)
+app.command("install")(install.plugin_install)
+app.command("update")(install.plugin_update)
+app.command("remove")(install.plugin_remove)
 
 
 @app.command("list")

@@ -58,6 +58,14 @@ def parse_reply(msg: Msg, started: float) -> HostReply | None:
 async def gather(nc: Client, subjects: Subjects, plugin: str, action: str, params: bytes, targets: Targets, *,
                  deadline_s: float, expected: set[str] | None = None) -> list[HostReply]:
     """Every reply that arrives within `deadline_s`; returns early once each `expected` host answered."""
+    return await gather_on(nc, subjects.fleet_act(plugin, action), params, targets, deadline_s=deadline_s,
+                           expected=expected)
+
+
+async def gather_on(nc: Client, subject: str, body: bytes, targets: Targets, *, deadline_s: float,
+                    expected: set[str] | None = None) -> list[HostReply]:
+    """One request on a fan-out `subject` (a fleet-wide call, or a request to every targeted agent), and every
+    host's reply within `deadline_s`; returns early once each `expected` host answered."""
     inbox = nc.new_inbox()
     replies: dict[str, HostReply] = {}
     done = asyncio.Event()
@@ -73,7 +81,7 @@ async def gather(nc: Client, subjects: Subjects, plugin: str, action: str, param
 
     sub = await nc.subscribe(inbox, cb=on_reply)
     try:
-        await nc.publish(subjects.fleet_act(plugin, action), params, reply=inbox, headers=targets.headers() or None)
+        await nc.publish(subject, body, reply=inbox, headers=targets.headers() or None)
         await nc.flush()
         if expected is not None and not expected:
             return []

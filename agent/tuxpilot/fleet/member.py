@@ -35,6 +35,11 @@ def mint(enrollment: Enrollment, role: str, plugin: str | None = None) -> str:
     return jwt.mint_creds(signer, scopes.user_name(role, subjects, plugin), account=enrollment.account)
 
 
+def forget_creds(state_dir: Path, plugin: str) -> None:
+    """A removed plugin's minted `.creds`, deleted (the key that signed it mints no other)."""
+    (state_dir / CREDS_DIR / f"plugin-{plugin}.creds").unlink(missing_ok=True)
+
+
 def write_creds(state_dir: Path, enrollment: Enrollment, role: str, plugin: str | None = None) -> Path:
     """Mint and write a user's `.creds` (0600) under the state dir; returns its path."""
     name = scopes.user_name(role, Subjects(enrollment.prefix, enrollment.host), plugin)

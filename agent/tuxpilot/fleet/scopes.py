@@ -24,9 +24,11 @@ def agent_permissions(subjects: Subjects) -> tuple[list[str], list[str]]:
     # Fleet-wide calls reach every host's gate on one subject (no queue group); the gate answers those
     # that target its host.
     fleet_calls = f"{subjects.prefix}.fleet.act.*.*"
+    # …and every targeted host's agent (installing a plugin fleet-wide) likewise.
+    fleet_control = subjects.fleet_agent("*")
     beat = f"$KV.{fleet_bucket(subjects)}.{subjects.host}"  # its own heartbeat key, no other host's
     publish = [*user.publish, *([private] if private not in user.publish else []), beat]
-    return publish, [*user.subscribe, fleet_calls]
+    return publish, [*user.subscribe, fleet_calls, fleet_control]
 
 
 def operator_permissions(subjects: Subjects) -> tuple[list[str], list[str]]:

@@ -21,6 +21,10 @@ PLUGIN_STATUS_CODES: dict[str, int] = {
     # A sandboxed plugin's guest: hit its memory or fuel cap, or trapped / answered garbage.
     "resource_exhausted": 507,
     "plugin_fault": 502,
+    # An installed or updated plugin that did not start or answer its health check (undone, or rolled back).
+    "unhealthy": 502,
+    # A package the host will not install: integrity, signature, trust, unsafe contents, dependencies.
+    "package_refused": 422,
 }
 # The gate's reasons, as it answers an operator's call on the public endpoint that it does not execute.
 GATE_STATUS_CODES: dict[str, int] = {

@@ -80,6 +80,11 @@ class Subjects:
         """A fleet-wide call: every host's gate subscribes (no queue group), those targeted answer."""
         return f"{self.prefix}.fleet.act.{plugin}.{action}"
 
+    def fleet_agent(self, verb: str) -> str:
+        """A request to every targeted host's agent at once (install, update, remove a plugin): every agent of
+        a fleet subscribes, those the request's headers target answer; only the fleet's admin may send."""
+        return f"{self.prefix}.fleet.agent.{verb}"
+
     def agent_control(self, verb: str, host: str | None = None) -> str:
         """A request to the host's agent itself (e.g. `load_plugin`); only its operator may send one."""
         return f"{self.prefix}.agent.{host or self.host}.{verb}"

@@ -81,6 +81,7 @@ class Supervised:
     exits: deque[float] = field(default_factory=deque)  # when it exited, within the crash-loop window
     looping: bool = False  # a crash loop was reported and the plugin has not stayed up since
     removed: bool = False  # taken out of run_plugins while the host runs: not restarted again
+    refused: str | None = None  # why it was not started at all (its runtime or confinement said no)
     last_exit: Exit | None = None
     proc: asyncio.subprocess.Process | None = field(default=None, repr=False)
 
@@ -227,6 +228,20 @@ class PluginHost(Part):
             await plugin.proc.wait()
         await self._state(plugin, "stopped")
 
+    def failure(self, name: str) -> str | None:
+        """Why a plugin added a moment ago is not up: refused, or its process exited (and how); None while
+        it runs or has not started yet."""
+        plugin = self.plugins.get(name)
+        if plugin is None:
+            return "not supervised"
+        if plugin.refused is not None:
+            return f"refused: {plugin.refused}"
+        if plugin.restarts and plugin.last_exit is not None:
+            last = plugin.last_exit
+            how = f"signal {last.signal}" if last.signal else f"code {last.exit_code}"
+            return f"its process exited ({how})"
+        return None
+
     async def _supervise(self, plugin: Supervised) -> None:
         plog = log.bind(plugin=plugin.name, host=self.config.host_id)
         workdir = self.workdir(plugin)
@@ -241,13 +256,15 @@ class PluginHost(Part):
             return
         if plan.refused is not None:
             plog.error("plugin.refused", reason=plan.refused, fix=plan.fix, strict=True)
-            await self._state(plugin, "refused", reason=f"{plan.refused}; fix: {plan.fix}")
+            plugin.refused = f"{plan.refused}; fix: {plan.fix}"
+            await self._state(plugin, "refused", reason=plugin.refused)
             await self._report(plugin, "plugin.refused", "critical", reason=plan.refused, fix=plan.fix)
             return
         try:
             await runtime_of(plugin.manifest).prepare(plugin.folder, plugin.manifest, plog)
         except TuxPilotError as exc:  # refused once, not restarted in a loop that cannot succeed
             plog.error("plugin.refused", reason=exc.message, runtime=plugin.manifest.runtime)
+            plugin.refused = exc.message
             await self._state(plugin, "refused", reason=exc.message)
             await self._report(plugin, "plugin.refused", "critical", reason=exc.message,
                                runtime=plugin.manifest.runtime)

@@ -1,0 +1,217 @@
+"""`tuxpilot plugin install | update | remove` against a real `tuxpilot up`: the agent verifies each package
+against its own trusted keys, runs the plugin without a restart, grants no dangerous permission unless
+named, rolls a crashing update back, and removes everything it made. The attacks are performed for real:
+a plugin's own credentials asking the agent to install, a package asking for a dangerous permission, an
+unsigned package, an update that crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import nats
+import pytest
+from tuxpilot.pdk import keys, package
+from tuxpilot.protocol.launch import CredentialFile
+
+from tests.conftest import tuxpilot_exe
+
+pytestmark = pytest.mark.slow
+
+HELLO = Path(__file__).resolve().parent.parent / "plugins" / "hello"
+HOST = "inst-host"
+
+
+class Up:
+    def __init__(self, tmp: Path, conf: Path):
+        self.state = tmp / "state"
+        self.conf = conf
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TUXPILOT_")}
+        self.env = {**env, "TUXPILOT_CONFIG": str(conf), "TUXPILOT_STATE_DIR": str(self.state),
+                    "TUXPILOT_HOST_ID": HOST, "TUXPILOT_MONITOR_ENABLED": "false",
+                    "TUXPILOT_INSTALL_HEALTH_TIMEOUT_S": "20"}
+        self.log = (tmp / "up.log").open("w+")
+        self.proc = subprocess.Popen([tuxpilot_exe(), "up", "--quiet"], stdout=self.log, stderr=subprocess.STDOUT,
+                                     text=True, env=self.env)
+        wait("the agent", lambda: self.cli("status", "--json").returncode == 0)
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([tuxpilot_exe(), *args], capture_output=True, text=True, env=self.env, timeout=timeout)
+
+    def call(self, action: str) -> tuple[int, dict[str, object]]:
+        done = self.cli("call", HOST, "hello", action, "{}")
+        try:
+            return done.returncode, json.loads(done.stdout)
+        except ValueError:
+            return done.returncode, {"stderr": done.stderr}
+
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()
+
+
+def wait(what: str, check: Callable[[], bool], limit: float = 40) -> None:
+    deadline = time.monotonic() + limit
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.3)
+
+
+def hello(tmp: Path, version: str, *, crash: bool = False) -> Path:
+    """hello at `version`, asking for system_access (dangerous) for its `shout` action; `crash`: it dies at
+    start-up, as a broken release would."""
+    folder = tmp / f"src-{version}"
+    shutil.copytree(HELLO, folder)
+    manifest = folder / "plugin.toml"
+    text = manifest.read_text().replace('version = "0.1.0"', f'version = "{version}"')
+    text = text.replace('permissions = ["filesystem_read"]', 'permissions = ["filesystem_read", "system_access"]')
+    text += '\n[actions.shout]\ndescription = "Shouts."\npermission = "system_access"\ntimeout_s = 5\n'
+    manifest.write_text(text)
+    code = (folder / "plugin.py").read_text()
+    code = code.replace('return {"greeting": f"hello, {params[\'name\']}"}',
+                        'return {"greeting": f"hello, {params[\'name\']}", "version": plugin.manifest.version}')
+    code = code.replace('if __name__ == "__main__":',
+                        '@plugin.action("shout")\ndef shout(params: dict[str, Any], ctx: Any) -> dict[str, Any]:\n'
+                        '    return {"shouted": True}\n\n\nif __name__ == "__main__":')
+    if crash:
+        code = code.replace("plugin = Plugin.here(__file__)", 'raise SystemExit("broken release")')
+    (folder / "plugin.py").write_text(code)
+    return folder
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[Up]:
+    conf = tmp_path / "host.toml"
+    conf.write_text("run_plugins = []\n")
+    running = Up(tmp_path, conf)
+    yield running
+    if running.proc.poll() is None:
+        running.proc.send_signal(signal.SIGTERM)
+        try:
+            running.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            running.proc.kill()
+            running.proc.wait()
+
+
+@pytest.fixture
+def signer(up: Up) -> keys.Signer:
+    publisher = keys.Signer.generate("acme")
+    keys.TrustStore(up.state / "keys" / "trusted").trust(publisher.public)
+    return publisher
+
+
+def test_install_update_rollback_remove(up: Up, signer: keys.Signer, tmp_path: Path) -> None:
+    out = tmp_path / "dist"
+    out.mkdir()
+    v1 = package.build(hello(tmp_path, "0.1.0"), out, signer)
+    agent_pid = up.proc.pid
+
+    # Installed and running without a restart; the dangerous permission it asks for is shown, not granted.
+    done = up.cli("plugin", "install", str(v1))
+    assert done.returncode == 0, done.stderr + up.output()
+    assert "installed hello 0.1.0" in done.stdout and f"signed by key {signer.id}" in done.stdout, done.stdout
+    assert "NOT granted: system_access" in done.stdout, done.stdout
+    code, reply = up.call("greet")
+    assert code == 0 and reply["data"] == {"greeting": "hello, world", "version": "0.1.0"}, reply
+    code, reply = up.call("shout")
+    assert code == 1 and reply["code"] == "permission_not_granted", reply
+    assert up.proc.pid == agent_pid and up.proc.poll() is None
+    listed = {p["name"]: p for p in json.loads(up.cli("plugin", "list", "--json").stdout)}
+    assert listed["hello"]["version"] == "0.1.0" and listed["hello"]["granted"] == ["filesystem_read"]
+
+    # Installing it again is refused: that is what update is for.
+    again = up.cli("plugin", "install", str(v1))
+    assert again.returncode == 2 and "update hello" in again.stderr, again.stderr
+
+    # An update whose new version crashes at start-up is rolled back: the old one serves again.
+    broken = package.build(hello(tmp_path, "0.2.0", crash=True), out, signer)
+    done = up.cli("plugin", "update", str(broken))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "rolled back to 0.1.0" in done.stderr and "exited" in done.stderr, done.stderr
+    code, reply = up.call("greet")
+    assert code == 0 and reply["data"]["version"] == "0.1.0", reply
+    assert not (up.state / "installed" / "hello" / "0.2.0").exists()
+    assert json.loads((up.state / "installed" / "index.json").read_text())["plugins"]["hello"]["version"] == "0.1.0"
+
+    # A good update, granting the dangerous permission by name.
+    v3 = package.build(hello(tmp_path, "0.3.0"), out, signer)
+    done = up.cli("plugin", "update", str(v3), "--grant", "system_access")
+    assert done.returncode == 0, done.stderr + up.output()
+    assert "updated hello 0.3.0 (was 0.1.0)" in done.stdout, done.stdout
+    code, reply = up.call("greet")
+    assert code == 0 and reply["data"]["version"] == "0.3.0", reply
+    wait("the grant in force", lambda: up.call("shout")[0] == 0)
+    assert not (up.state / "installed" / "hello" / "0.1.0").exists()
+
+    # Removed: process, files, credentials, consumer, registry entry and grants.
+    done = up.cli("plugin", "remove", "hello")
+    assert done.returncode == 0, done.stderr
+    code, reply = up.call("greet")
+    assert code != 0, reply
+    assert not (up.state / "installed" / "hello").exists()
+    assert not (up.state / "credentials" / f"tuxpilot-{HOST}-plugin-hello.json").exists()
+    assert "hello" not in up.conf.read_text()
+    status = json.loads(up.cli("status", "--json").stdout)
+    assert "hello" not in json.dumps(status.get("plugins", {})) and "hello" not in json.dumps(status.get("consumers", {}))
+    assert up.proc.pid == agent_pid and up.proc.poll() is None
+
+
+def test_the_agent_refuses_what_it_should(up: Up, signer: keys.Signer, tmp_path: Path) -> None:
+    out = tmp_path / "dist"
+    out.mkdir()
+    # Unsigned, and signed by a key this host does not trust: refused with one line, nothing installed.
+    unsigned = package.build(hello(tmp_path, "0.1.0"), out, None)
+    done = up.cli("plugin", "install", str(unsigned))
+    assert done.returncode == 1 and "sign" in done.stderr, done.stderr
+    stranger = package.build(hello(tmp_path, "0.1.1"), out, keys.Signer.generate("mallory"))
+    done = up.cli("plugin", "install", str(stranger))
+    assert done.returncode == 1 and "trust" in done.stderr, done.stderr
+    # --grant of a permission the plugin does not ask for.
+    v1 = package.build(hello(tmp_path, "0.1.2"), out, signer)
+    done = up.cli("plugin", "install", str(v1), "--grant", "user_management")
+    assert done.returncode == 2 and "does not ask for user_management" in done.stderr, done.stderr
+    assert not (up.state / "installed" / "hello").exists()
+
+    # Installed; then the plugin's own credentials ask the agent to install (or remove) a package: the server
+    # refuses the publish, the agent never hears of it.
+    assert up.cli("plugin", "install", str(v1)).returncode == 0
+    creds = CredentialFile.model_validate_json(
+        (up.state / "credentials" / f"tuxpilot-{HOST}-plugin-hello.json").read_text())
+
+    async def attack() -> list[str]:
+        errors: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc))
+
+        from tuxpilot.bus.connect import url_file
+
+        server = url_file(up.state).read_text().strip()
+        nc = await nats.connect(server, user=creds.user, password=creds.password, inbox_prefix=creds.inbox_prefix,
+                                error_cb=on_error, allow_reconnect=False)
+        try:
+            body = json.dumps({"package": base64.b64encode(v1.read_bytes()).decode(), "grant": ["system_access"]})
+            for verb, doc in (("install", body), ("remove", json.dumps({"name": "hello"}))):
+                with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+                    await nc.request(f"tuxpilot.agent.{HOST}.{verb}", doc.encode(), timeout=1)
+            await asyncio.sleep(0.2)
+        finally:
+            await nc.close()
+        return errors
+
+    errors = asyncio.run(attack())
+    assert any(f'publish to "tuxpilot.agent.{HOST}.install"' in e for e in errors), errors
+    assert any(f'publish to "tuxpilot.agent.{HOST}.remove"' in e for e in errors), errors
+    code, reply = up.call("greet")
+    assert code == 0, reply
+    assert "system_access" not in up.conf.read_text()
