@@ -215,3 +215,63 @@ def test_the_agent_refuses_what_it_should(up: Up, signer: keys.Signer, tmp_path:
     code, reply = up.call("greet")
     assert code == 0, reply
     assert "system_access" not in up.conf.read_text()
+
+
+@pytest.mark.timeout(300)
+async def test_fleet_install_through_each_targeted_hosts_agent(tmp_path: Path) -> None:
+    """`--hosts 'web-*'`: one request on the fan-out subject, each targeted host's agent verifies and installs
+    the package itself and answers for itself; a host not targeted installs nothing."""
+    from tuxpilot.agent.app import Agent
+    from tuxpilot.agent.config import load_config
+    from tuxpilot.bus.server import NatsServer
+    from tuxpilot.fleet import admin
+
+    fleet_dir = tmp_path / "fleet"
+    admin.init(fleet_dir, urls=["nats://127.0.0.1:4222"])
+    fleet = admin.load(fleet_dir)
+    server = NatsServer(tmp_path / "srv", extra_config=admin.operator_block(fleet, tmp_path / "srv" / "jwt")).start()
+    agents: list[Agent] = []
+    publisher = keys.Signer.generate("acme")
+    try:
+        hosts = {"web-1": "web", "web-2": "web", "db-1": "db"}
+        for host, role in hosts.items():
+            fleet, _ = admin.enroll(fleet_dir, host, {"role": role})
+        sys_nc = await nats.connect(server.url, user_credentials=str(fleet_dir / "sys.creds"))
+        await admin.push(sys_nc, fleet)
+        await sys_nc.close()
+        for host, role in hosts.items():
+            state = tmp_path / f"state-{host}"
+            keys.TrustStore(state / "keys" / "trusted").trust(publisher.public)
+            config = load_config(environ={
+                "TUXPILOT_NATS_URL": server.url, "TUXPILOT_HOST_ID": host, "TUXPILOT_STATE_DIR": str(state),
+                "TUXPILOT_MONITOR_ENABLED": "false", "TUXPILOT_RUN_PLUGINS": "[]",
+                "TUXPILOT_FLEET_ENROLLMENT": str(fleet_dir / "hosts" / f"{host}.json"),
+                "TUXPILOT_FLEET_LABELS": json.dumps({"role": role}),
+            })
+            config._source = tmp_path / f"{host}.toml"  # where --grant would write
+            agents.append(Agent(config, embedded=False))
+            await agents[-1].start()
+        out = tmp_path / "dist"
+        out.mkdir()
+        v1 = package.build(hello(tmp_path, "0.1.0"), out, publisher)
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("TUXPILOT_")},
+               "TUXPILOT_NATS_URL": server.url, "TUXPILOT_NATS_CREDS": str(fleet_dir / "admin.creds"),
+               "TUXPILOT_HOST_ID": "admin", "TUXPILOT_CONFIG": os.devnull}
+        done = await asyncio.to_thread(
+            subprocess.run, [tuxpilot_exe(), "plugin", "install", str(v1), "--hosts", "web-*", "--fleet-dir",
+                             str(fleet_dir), "--timeout", "90"], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "2 of 2 targeted host(s) answered" in done.stdout and "db-1" not in done.stdout, done.stdout
+        assert (tmp_path / "state-web-2" / "installed" / "hello" / "0.1.0").is_dir()
+        assert not (tmp_path / "state-db-1" / "installed").exists()
+        admin_nc = await nats.connect(server.url, user_credentials=str(fleet_dir / "admin.creds"))
+        try:
+            for host in ("web-1", "web-2"):
+                reply = await admin_nc.request(f"tuxpilot.act.{host}.hello.greet", b"{}", timeout=10)
+                assert json.loads(reply.data)["data"]["version"] == "0.1.0", reply.data
+        finally:
+            await admin_nc.close()
+    finally:
+        for agent in agents:
+            await agent.stop()
+        server.stop()

@@ -171,6 +171,8 @@ class Installer(Part):
         async with self.agent.plugins_lock, self._incoming() as incoming:
             staged = await self._stage(request, incoming, updating=False)
             name, manifest = staged.manifest.name, staged.manifest
+            # Whatever an earlier plugin of this name was granted goes: the manifest's default applies.
+            self._forget_grants(name)
             try:
                 await self.agent.start_plugin(name, staged.folder, manifest)
                 why = await self._health(name, manifest.version)
@@ -185,7 +187,7 @@ class Installer(Part):
             records = installed.read(self.config.state_dir)
             records[name] = staged.record
             installed.write(self.config.state_dir, records)
-            granted = self._grant(manifest, request.grant, fresh=True)
+            granted = self._grant(manifest, request.grant)
         log.info("install.done", plugin=name, version=manifest.version, granted=granted,
                  publisher=staged.record.publisher)
         return self._reply(staged, granted, previous=None)
@@ -217,7 +219,7 @@ class Installer(Part):
             records[name] = staged.record
             installed.write(self.config.state_dir, records)
             await asyncio.to_thread(installed.discard, old_folder)
-            granted = self._grant(manifest, request.grant, fresh=False)
+            granted = self._grant(manifest, request.grant)
         log.info("update.done", plugin=name, version=manifest.version, previous=old.version, granted=granted)
         return self._reply(staged, granted, previous=old.version)
 
@@ -351,15 +353,12 @@ class Installer(Part):
             return f"{type(exc).__name__}: {exc}"
         return await self._health(manifest.name, manifest.version)
 
-    def _grant(self, manifest: Manifest, grant: tuple[Permission, ...], *, fresh: bool) -> list[str]:
-        """The permissions in force after an install (its non-dangerous ones and those named: anything granted
-        before under this name is dropped) or an update (what was granted, and those named)."""
+    def _grant(self, manifest: Manifest, grant: tuple[Permission, ...]) -> list[str]:
+        """The permissions in force after an install (its non-dangerous ones and those named) or an update
+        (what was granted, and those named)."""
         settings = self.config.plugin(manifest.name)
-        if fresh:
-            current = frozenset(p for p in manifest.permissions if p not in DANGEROUS)
-        else:
-            current = settings.granted(manifest)
-        if not fresh and not grant:
+        current = settings.granted(manifest)
+        if not grant:
             return sorted(p.value for p in current)
         path = self.config.source or default_config_path()
         granted = edit_grants(path, manifest, current, add=list(grant), remove=[])
