@@ -66,6 +66,14 @@ def wait(what: str, check: Callable[[], bool], limit: float = 40) -> None:
         time.sleep(0.3)
 
 
+def traces(up: Up) -> dict[str, bool]:
+    """What the agent keeps of hello on the bus: its registry entry, durable consumer, plugin state."""
+    status = json.loads(up.cli("status", "--json").stdout)
+    return {"registered": f"{HOST}.hello" in status["registered"],
+            "consumer": any(c["name"] == f"hello-{HOST}" for c in status["consumers"]),
+            "state": f"{HOST}.hello" in status["plugin_states"]}
+
+
 def hello(tmp: Path, version: str, *, crash: bool = False) -> Path:
     """hello at `version`, asking for system_access (dangerous) for its `shout` action; `crash`: it dies at
     start-up, as a broken release would."""
@@ -126,6 +134,7 @@ def test_install_update_rollback_remove(up: Up, signer: keys.Signer, tmp_path: P
     code, reply = up.call("shout")
     assert code == 1 and reply["code"] == "permission_not_granted", reply
     assert up.proc.pid == agent_pid and up.proc.poll() is None
+    assert traces(up) == {"registered": True, "consumer": True, "state": True}
     listed = {p["name"]: p for p in json.loads(up.cli("plugin", "list", "--json").stdout)}
     assert listed["hello"]["version"] == "0.1.0" and listed["hello"]["granted"] == ["filesystem_read"]
 
@@ -161,8 +170,7 @@ def test_install_update_rollback_remove(up: Up, signer: keys.Signer, tmp_path: P
     assert not (up.state / "installed" / "hello").exists()
     assert not (up.state / "credentials" / f"tuxpilot-{HOST}-plugin-hello.json").exists()
     assert "hello" not in up.conf.read_text()
-    status = json.loads(up.cli("status", "--json").stdout)
-    assert "hello" not in json.dumps(status.get("plugins", {})) and "hello" not in json.dumps(status.get("consumers", {}))
+    assert traces(up) == {"registered": False, "consumer": False, "state": False}
     assert up.proc.pid == agent_pid and up.proc.poll() is None
 
 
