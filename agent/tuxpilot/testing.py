@@ -38,8 +38,10 @@ import structlog
 
 from tuxpilot.bus.server import NatsServer
 from tuxpilot.protocol.errors import ConfigError, Forbidden
+from tuxpilot.protocol.manifest import load as load_manifest
 from tuxpilot.protocol.models import Event, Proposal, Severity, new_id
-from tuxpilot.sdk.plugin import Context, Plugin, load_plugin
+from tuxpilot.sdk.plugin import Context, Plugin
+from tuxpilot.sdk.plugin import load_plugin as load_python_plugin
 
 __all__ = [
     "EmittingContext",
@@ -82,6 +84,17 @@ class EmittingContext(Context):
         event = Event.new(event_type, self.host, source=self.plugin.name, **fields)
         self.emitted.append(event)
         return event
+
+
+def load_plugin(folder: Path) -> Plugin:
+    """The Plugin a plugin folder runs as: a Python plugin's own (its entry point imported), or for a
+    `wasm` one the SDK plugin the wasm host makes of its built guest (the same sandbox and limits)."""
+    if load_manifest(folder).runtime == "wasm":
+        from tuxpilot.sdk import wasm  # wasmtime is loaded only for a wasm plugin
+
+        plugin, _sandbox = wasm.load(folder)
+        return plugin
+    return load_python_plugin(folder)
 
 
 def _context(plugin: Plugin, host: str, config: dict[str, Any] | None, **fields: Any) -> EmittingContext:

@@ -15,7 +15,7 @@ import typer
 from tuxpilot.agent.app import host_plugins
 from tuxpilot.agent.config import Config
 from tuxpilot.bus.registry import instances_of
-from tuxpilot.cli import install
+from tuxpilot.cli import install, pdk
 from tuxpilot.cli.common import (
     EXIT_FAILED,
     EXIT_TIMEOUT,
@@ -34,7 +34,7 @@ from tuxpilot.protocol.errors import ConfigError
 from tuxpilot.protocol.names import Subjects
 from tuxpilot.settings import NatsConfig, default_config_path, environment_of
 
-app = typer.Typer(help="Plugins: list, run.", no_args_is_help=True)
+app = typer.Typer(help="Plugins: list, run, develop (new, test, dev), install.", no_args_is_help=True)
 app.command("install")(install.plugin_install)
 app.command("update")(install.plugin_update)
 app.command("remove")(install.plugin_remove)
@@ -264,3 +264,7 @@ async def _plugin_credentials(config: Config, folder: Path) -> NatsConfig:
         fail(f"the agent did not load {folder}: {doc.get('message')}", codes.get(doc["code"], EXIT_FAILED))
     user_file = doc.get("user_file")
     return cfg.model_copy(update={"user_file": Path(user_file)}) if user_file else cfg
+
+
+app.command("new")(pdk.plugin_new)
+app.command("test")(pdk.plugin_test)
