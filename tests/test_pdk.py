@@ -4,6 +4,7 @@ what is wrong with a plugin that breaks the protocol."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -113,3 +114,80 @@ async def test_the_check_names_what_a_broken_plugin_does_wrong(tmp_path: Path) -
     # What it does right is not reported as wrong.
     assert "hello: a body that is not JSON is refused bad_request (400)" not in failed
     assert "the plugin is still serving, never restarted" not in failed
+
+
+# Version 2 of a scaffolded plugin: greets "db" differently and says nothing about "quiet".
+V2_HANDLER = '''
+@plugin.on("memory.high")
+async def on_event(event: Event, ctx: Context) -> list[ProposedAction]:
+    name = event.resource or event.host
+    if name == "quiet":
+        return []
+    return [ctx.propose("hello", {"name": "database" if name == "db" else name}, reason="v2")]
+'''
+
+
+def _version_2(folder: Path) -> None:
+    code = (folder / "plugin.py").read_text()
+    start = code.index('@plugin.on("memory.high")')
+    end = code.index('@plugin.action("hello")')
+    (folder / "plugin.py").write_text(code[:start] + V2_HANDLER.lstrip() + "\n\n" + code[end:])
+    manifest = (folder / "plugin.toml").read_text().replace('version = "0.1.0"', 'version = "0.2.0"')
+    (folder / "plugin.toml").write_text(manifest)
+
+
+@pytest.mark.slow
+async def test_replay_shows_what_a_new_version_would_propose_against_the_fleets_audit(tmp_path: Path) -> None:
+    import json
+    from datetime import UTC, datetime, timedelta
+
+    from tuxpilot.agent import audit
+    from tuxpilot.pdk import replay
+    from tuxpilot.pdk.embedded import embedded
+    from tuxpilot.protocol.models import Event
+
+    v1, v2 = tmp_path / "v1" / "greeter", tmp_path / "v2" / "greeter"
+    scaffold.new("greeter", runtime="python", category="custom", folder=v1)
+    scaffold.new("greeter", runtime="python", category="custom", folder=v2)
+    _version_2(v2)
+    # The fleet: a real agent and gate (actions executed, not dry) running version 1, and real events.
+    async with embedded(v1, host="web-1", dry_run=False) as fleet:
+        since = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
+        for resource in ("web", "db", "quiet", "cache"):
+            await fleet.publish_event(Event.new("memory.high", "web-1", value=96.0, resource=resource))
+        # An event another plugin's type: not replayed.
+        await fleet.publish_event(Event.new("disk.low", "web-1", value=3.0, resource="/"))
+
+        async def recorded() -> int:
+            return len(await audit.read(fleet.operator, fleet.subjects, plugin="greeter"))
+
+        for _ in range(200):
+            if await recorded() >= 4:
+                break
+            await asyncio.sleep(0.1)
+        assert await recorded() == 4
+
+        result = await replay.replay(fleet.operator, fleet.subjects, v2, audit.parse_since("1h"))
+        kinds = {d.event.resource: d.kind for d in result.diffs}
+        assert kinds == {"web": "same", "db": "changed", "quiet": "gone", "cache": "same"}
+        [db] = [d for d in result.diffs if d.event.resource == "db"]
+        assert [(p.action, p.params, p.decided) for p in db.before] == [("hello", {"name": "db"}, "ok")]
+        assert [(p.action, p.params) for p in db.after] == [("hello", {"name": "database"})]
+        lines = replay.render(result)
+        assert "memory.high: 4 events: 2 same, 1 changed, 1 gone" in lines
+        assert any(line.startswith("  ~ ") and 'was hello {"name":"db"} (ok); now hello {"name":"database"}' in line
+                   for line in lines), lines
+        # Nothing was executed for the replay: the fleet's audit holds only its own four records.
+        assert await recorded() == 4
+
+        # The command, as an operator runs it against the fleet's server.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TUXPILOT_")}
+        env.update(TUXPILOT_STATE_DIR=str(fleet.state_dir), TUXPILOT_HOST_ID="web-1")
+        proc = await asyncio.create_subprocess_exec(
+            TUXPILOT, "plugin", "test", str(v2), "--replay", since, "--server", fleet.url, "--json",
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 120)
+        assert proc.returncode == 0, stderr.decode()
+        doc = json.loads(stdout)
+        assert doc["version"] == "0.2.0" and doc["events"] == 4
+        assert doc["types"]["memory.high"]["counts"] == {"same": 2, "changed": 1, "new": 0, "gone": 1, "none": 0}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -63,27 +64,35 @@ async def read(
     gate's included). Exact: batches are read until the server says none is left.
     """
     check_filters(status)
-    stream = Names.of(subjects).audit
     subject = f"{subjects.prefix}.result.{host}.{plugin}.{action}"
     records: list[dict[str, Any]] = []
+    async for body in read_stream(nc, Names.of(subjects).audit, subject, since=since):
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict) and (status is None or doc.get("status") == status):
+            records.append(doc)
+            if len(records) > limit:
+                records.pop(0)
+    return records
+
+
+async def read_stream(nc: Client, stream: str, subject: str, *, since: datetime | None = None,
+                      ) -> AsyncIterator[bytes]:
+    """Every message body `stream` holds on `subject` (wildcards allowed), from `since` (or the first),
+    oldest first: batched direct gets until the server says none is left."""
     request: dict[str, Any] = {"batch": BATCH, "next_by_subj": subject}
     if since is not None:
         request["start_time"] = since.isoformat()
     else:
         request["seq"] = 1
     while True:
-        bodies, last_seq, pending = await _batch(nc, stream, request)
-        for body in bodies:
-            try:
-                doc = json.loads(body)
-            except ValueError:
-                doc = None
-            if isinstance(doc, dict) and (status is None or doc.get("status") == status):
-                records.append(doc)
-                if len(records) > limit:
-                    records.pop(0)
-        if not bodies or not pending:
-            return records
+        batch, last_seq, pending = await _batch(nc, stream, request)
+        for body in batch:
+            yield body
+        if not batch or not pending:
+            return
         request = {"batch": BATCH, "next_by_subj": subject, "seq": last_seq + 1}
 
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from tuxpilot.cli.common import EXIT_FAILED, EXIT_USAGE, config_of, err, fail, out, run_async
-from tuxpilot.protocol.errors import ConfigError
+from tuxpilot.protocol.errors import ConfigError, TuxPilotError
 
 
 def plugin_new(
@@ -123,19 +123,27 @@ def _print_own(tests: Any) -> None:
 def _replay(ctx: typer.Context, folder: Path, since: str, server: str | None, *, as_json: bool,
             verbose: bool) -> None:
     from tuxpilot.agent.audit import parse_since
+    from tuxpilot.cli.common import connect
     from tuxpilot.pdk import replay
+    from tuxpilot.protocol.names import Subjects
 
     config = config_of(ctx)
     try:
         start = parse_since(since)
-    except ConfigError as exc:
-        fail(exc.message, EXIT_USAGE)
-    except Exception as exc:  # BadRequest: a bad --replay
-        fail(str(getattr(exc, "message", exc)), EXIT_USAGE)
+    except TuxPilotError as exc:
+        fail(exc.message.replace("--since", "--replay"), EXIT_USAGE)
     if server is not None:
         config = config.model_copy(update={"nats": config.nats.model_copy(update={"url": server})})
-    result = run_async(replay.replay(config, folder, start, echo=None if as_json else
-                                     lambda line: err.print(line, markup=False)))
+
+    async def main() -> replay.ReplayResult:
+        fleet = await connect(config, name="tuxpilot-replay")
+        try:
+            return await replay.replay(fleet, Subjects.of(config), folder, start, verbose=verbose,
+                                       echo=None if as_json else lambda line: err.print(line, markup=False))
+        finally:
+            await fleet.close()
+
+    result = run_async(main())
     if as_json:
         out.print_json(json.dumps(result.to_doc()))
     else:
