@@ -224,6 +224,17 @@ def test_the_agent_refuses_what_it_should(up: Up, signer: keys.Signer, tmp_path:
     assert code == 0, reply
     assert "system_access" not in up.conf.read_text()
 
+    # An installed plugin starts with the agent, as installed, without a run_plugins entry.
+    up.proc.send_signal(signal.SIGTERM)
+    assert up.proc.wait(timeout=30) == 0
+    restarted = Up(tmp_path, up.conf)
+    try:
+        wait("hello after the restart", lambda: restarted.call("greet")[0] == 0)
+        assert restarted.call("greet")[1]["data"]["version"] == "0.1.2"
+    finally:
+        restarted.proc.send_signal(signal.SIGTERM)
+        restarted.proc.wait(timeout=30)
+
 
 @pytest.mark.timeout(300)
 async def test_fleet_install_through_each_targeted_hosts_agent(tmp_path: Path) -> None:
