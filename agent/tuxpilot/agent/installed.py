@@ -84,7 +84,16 @@ def folders(state_dir: Path) -> list[Path]:
 
 
 def names(state_dir: Path) -> list[str]:
-    return sorted(read(state_dir))
+    """The installed plugins the host runs: those whose folder is there (one deleted by hand is logged and
+    left out rather than stopping the agent from starting)."""
+    present = []
+    for name, record in sorted(read(state_dir).items()):
+        if record.folder(state_dir).is_dir():
+            present.append(name)
+        else:
+            log.error("installed.folder_missing", plugin=name, version=record.version,
+                      folder=str(record.folder(state_dir)))
+    return present
 
 
 def seal(folder: Path) -> None:
