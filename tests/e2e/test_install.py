@@ -22,7 +22,7 @@ import pytest
 from tuxpilot.pdk import keys, package
 from tuxpilot.protocol.launch import CredentialFile
 
-from tests.conftest import tuxpilot_exe
+from tests.conftest import need, tuxpilot_exe
 
 pytestmark = pytest.mark.slow
 
@@ -294,3 +294,25 @@ async def test_fleet_install_through_each_targeted_hosts_agent(tmp_path: Path) -
         for agent in agents:
             await agent.stop()
         server.stop()
+
+
+def test_a_javascript_package_gets_its_dependencies_from_its_lockfile(up: Up, signer: keys.Signer,
+                                                                        tmp_path: Path) -> None:
+    """The agent runs `npm ci` (no install scripts) in the installed folder before it starts the plugin; the
+    package itself carries no node_modules."""
+    for program in ("node", "npm"):
+        need(program, shutil.which(program) is not None, f"{program} is not on PATH")
+    from tuxpilot.pdk import scaffold
+
+    made = scaffold.new("jsgreeter", runtime="javascript", category="custom", folder=tmp_path / "jsgreeter")
+    assert (made.folder / "package-lock.json").is_file(), made.notes
+    shutil.rmtree(made.folder / "node_modules", ignore_errors=True)
+    out = tmp_path / "dist"
+    out.mkdir()
+    built = package.build(made.folder, out, signer)
+    done = up.cli("plugin", "install", str(built))
+    assert done.returncode == 0, done.stderr + up.output()
+    assert "installed jsgreeter 0.1.0" in done.stdout, done.stdout
+    folder = up.state / "installed" / "jsgreeter" / "0.1.0"
+    assert (folder / "node_modules").is_dir() and (folder / "package-lock.json").is_file()
+    assert "plugin.npm_installed" in up.output()
