@@ -18,6 +18,7 @@ from typing import Annotated, Any, Self
 from pydantic import Field, model_validator
 
 from tuxpilot.agent.approvals import ApprovalPolicy
+from tuxpilot.pdk.settings import MarketplaceConfig
 from tuxpilot.protocol.errors import ConfigError
 from tuxpilot.protocol.manifest import Manifest, Permission
 from tuxpilot.runtimes.settings import HostSettings
@@ -130,6 +131,7 @@ class Config(HostSettings):
     rules_file: Path | None = Field(None, description="A TOML file of more [[rules]], reloaded when it changes.")
     schedules: list[dict[str, Any]] = Field(default_factory=list, description="[[schedules]]: see Schedules.")
     approvals: ApprovalPolicy = ApprovalPolicy()
+    marketplace: MarketplaceConfig = MarketplaceConfig()
 
 
 def edit_grants(path: Path, manifest: Manifest, current: frozenset[Permission], *, add: list[Permission],

@@ -26,6 +26,8 @@ from tuxpilot.protocol.names import (
     approvals_bucket,
     inbox_prefix,
     operator_consumer_name,
+    package_index_bucket,
+    packages_bucket,
     plugin_consumer_name,
     schedules_bucket,
 )
@@ -136,6 +138,22 @@ def operator_name(subjects: Subjects) -> str:
     return f"tuxpilot-{subjects.host}-operator"
 
 
+def registry_reading(subjects: Subjects) -> list[str]:
+    """What reading the fleet registry takes (a KV watch of its index, an object's chunks): consumers on its
+    two streams, which hold no TuxPilot durable that a create could re-point."""
+    streams = [f"OBJ_{packages_bucket(subjects)}", f"KV_{package_index_bucket(packages_bucket(subjects))}"]
+    api = "$JS.API.CONSUMER"
+    return [s for st in streams for s in (f"{api}.CREATE.{st}", f"{api}.CREATE.{st}.>", f"{api}.DELETE.{st}.>")]
+
+
+def registry_writing(subjects: Subjects) -> list[str]:
+    """What publishing to the fleet registry takes: its buckets' subjects, creating and purging its streams."""
+    packages = packages_bucket(subjects)
+    index = package_index_bucket(packages)
+    return [f"$O.{packages}.>", f"$KV.{index}.>", f"$JS.API.STREAM.CREATE.OBJ_{packages}",
+            f"$JS.API.STREAM.CREATE.KV_{index}", f"$JS.API.STREAM.PURGE.OBJ_{packages}"]
+
+
 def operator_user(subjects: Subjects) -> User:
     p, name = subjects.prefix, operator_name(subjects)
     # Reading is by message get. A consumer "create" updates an existing durable of the name in its
@@ -158,6 +176,8 @@ def operator_user(subjects: Subjects) -> User:
         f"$JS.API.CONSUMER.MSG.NEXT.*.{own}",
         f"$JS.ACK.*.{own}.>",
         "$JS.FC.>",
+        *registry_reading(subjects),
+        *registry_writing(subjects),  # the host's operator publishes plugin packages
     ]
     return User(
         name=name,

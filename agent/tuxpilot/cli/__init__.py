@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from tuxpilot.agent.config import load_config
-from tuxpilot.cli import audit, auth, automation, bench, call, daemon, events, fleet, plugin, schema, status
+from tuxpilot.cli import audit, auth, automation, bench, call, daemon, events, fleet, key, plugin, schema, status
 from tuxpilot.cli.common import EXIT_USAGE, fail
 from tuxpilot.log import setup as setup_logging
 from tuxpilot.protocol.errors import ConfigError
@@ -25,6 +25,7 @@ app.add_typer(events.tail_app, name="events")
 app.add_typer(schema.app, name="schema")
 app.add_typer(auth.app, name="auth")
 app.add_typer(fleet.app, name="fleet")
+app.add_typer(key.app, name="key")
 app.add_typer(automation.rules_app, name="rules")
 app.add_typer(automation.schedule_app, name="schedule")
 for command in (daemon.up, daemon.agent, call.call, status.status, audit.audit, bench.bench, automation.approvals,

@@ -15,7 +15,7 @@ import typer
 from tuxpilot.agent.app import host_plugins
 from tuxpilot.agent.config import Config
 from tuxpilot.bus.registry import instances_of
-from tuxpilot.cli import install, pdk
+from tuxpilot.cli import install, market, pdk
 from tuxpilot.cli.common import (
     EXIT_FAILED,
     EXIT_TIMEOUT,
@@ -34,10 +34,16 @@ from tuxpilot.protocol.errors import ConfigError
 from tuxpilot.protocol.names import Subjects
 from tuxpilot.settings import NatsConfig, default_config_path, environment_of
 
-app = typer.Typer(help="Plugins: list, run, develop (new, test, dev), install.", no_args_is_help=True)
+app = typer.Typer(help="Plugins: list, run, develop (new, test, dev), package, publish, install.", no_args_is_help=True)
 app.command("install")(install.plugin_install)
 app.command("update")(install.plugin_update)
 app.command("remove")(install.plugin_remove)
+app.command("package")(market.plugin_package)
+app.command("verify")(market.plugin_verify)
+app.command("publish")(market.plugin_publish)
+app.command("search")(market.plugin_search)
+app.command("info")(market.plugin_info)
+app.command("fetch")(market.plugin_fetch)
 
 
 @app.command("list")

@@ -36,7 +36,9 @@ def operator_permissions(subjects: Subjects) -> tuple[list[str], list[str]]:
     credential reaches every host)."""
     p, h = subjects.prefix, subjects.host
     single = auth.operator_user(subjects)
-    js = [s for s in single.publish if s.startswith("$JS.")]
+    # It reads the fleet's registry (installing from it) but does not publish to it: the fleet's admin does.
+    writing = set(auth.registry_writing(subjects))
+    js = [s for s in single.publish if s.startswith("$JS.") and s not in writing]
     publish = [f"{p}.act.{h}.>", f"{p}.evt.{h}.>", subjects.agent_control("*"), "$SRV.>", *js]
     subscribe = [f"{inbox_prefix(single.name)}.>", f"{p}.evt.{h}.>", f"{p}.result.{h}.>", f"{p}.metrics.{h}",
                  f"{p}.proposal.{h}", f"{p}.proposal.{h}.>"]

@@ -201,3 +201,23 @@ def schedules_bucket(subjects: Subjects) -> str:
 
 def approval_key(host: str, approval_id: str) -> str:
     return f"{host}.{approval_id}"
+
+
+def packages_bucket(subjects: Subjects) -> str:
+    """The fleet registry's object store: one object per package, named by `package_object`."""
+    return f"{subjects.bucket_prefix}_packages"
+
+
+def package_index_bucket(packages: str) -> str:
+    """The KV bucket indexing a packages bucket: one entry per published version, keyed by `package_key`."""
+    return f"{packages}_index"
+
+
+def package_object(name: str, version: str) -> str:
+    return f"{name}/{name}-{version}.tpkg"
+
+
+def package_key(name: str, version: str) -> str:
+    """`<name>.<version>`: `<name>.>` watches every version of one plugin. KV keys allow no `+`, which
+    semver build metadata uses; `_`, which semver allows nowhere, stands for it."""
+    return f"{name}.{version.replace('+', '_')}"
