@@ -316,3 +316,24 @@ def test_a_javascript_package_gets_its_dependencies_from_its_lockfile(up: Up, si
     folder = up.state / "installed" / "jsgreeter" / "0.1.0"
     assert (folder / "node_modules").is_dir() and (folder / "package-lock.json").is_file()
     assert "plugin.npm_installed" in up.output()
+
+
+def test_install_and_update_by_name_from_the_fleet_registry(up: Up, signer: keys.Signer, tmp_path: Path) -> None:
+    """Published to the host's own bus by its operator; the agent fetches by name, checks the file against the
+    index entry and verifies it against its own trusted keys; `update` takes the newest published."""
+    out = tmp_path / "dist"
+    out.mkdir()
+    v1 = package.build(hello(tmp_path, "0.1.0"), out, signer)
+    v2 = package.build(hello(tmp_path, "0.2.0"), out, signer)
+    published = up.cli("plugin", "publish", str(v1))
+    assert published.returncode == 0 and "published hello@0.1.0 to fleet" in published.stdout, published.stderr
+    missing = up.cli("plugin", "install", "hello@9.9.9")
+    assert missing.returncode != 0 and "no version 9.9.9 of hello in registry fleet" in missing.stderr
+    done = up.cli("plugin", "install", "hello")
+    assert done.returncode == 0 and "installed hello 0.1.0" in done.stdout, done.stderr + up.output()
+    assert up.cli("plugin", "publish", str(v2)).returncode == 0
+    assert json.loads(up.cli("plugin", "info", "hello", "--json").stdout)["versions"] == ["0.1.0", "0.2.0"]
+    done = up.cli("plugin", "update", "hello")
+    assert done.returncode == 0 and "0.2.0" in done.stdout, done.stderr + up.output()
+    code, reply = up.call("greet")
+    assert code == 0 and reply["data"] == {"greeting": "hello, world", "version": "0.2.0"}, reply

@@ -273,7 +273,7 @@ class Installer(Part):
         """Fetch, verify, check and unpack the package; its runtime prepared. Refuses before writing anything
         to the installed tree."""
         current = self._installed(request.name) if updating and request.name else None
-        verified, source = await packages.obtain(self.config, request, incoming, current)
+        verified, source = await packages.obtain(self.config, request, incoming, current, self.agent.nc)
         manifest = verified.manifest
         name = manifest.name
         if request.name is not None and request.name != name:

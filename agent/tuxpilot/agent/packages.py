@@ -5,7 +5,7 @@ checked against what this host has, and unpacked safely. The kit is imported onl
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tuxpilot.agent.config import Config
 from tuxpilot.protocol.manifest import Manifest
@@ -27,12 +27,15 @@ def refused(message: str) -> PackageRefused:
 
 
 def trust_store(config: Config) -> Path:
-    return config.state_dir / "keys" / "trusted"
+    from tuxpilot.pdk.settings import trusted_keys_dir
+
+    return trusted_keys_dir(config)
 
 
 async def obtain(config: Config, request: Request, incoming: Path,
-                 current: Record | None) -> tuple[VerifiedPackage, str]:
-    """The package, verified: the bytes the request carries, or what the registry holds for the name."""
+                 current: Record | None, nc: Any | None = None) -> tuple[VerifiedPackage, str]:
+    """The package, verified: the bytes the request carries, or what the registry holds for the name (the
+    requested version, else the newest this host's protocol speaks), fetched over `nc`."""
     import asyncio
 
     from tuxpilot.pdk import keys, package
@@ -41,9 +44,19 @@ async def obtain(config: Config, request: Request, incoming: Path,
         path, source = incoming / PACKAGE_FILE, "file"
         await asyncio.to_thread(path.write_bytes, request.package)
     else:
-        raise refused("installing by name needs a registry, and this host has none configured yet")
+        from tuxpilot.pdk.registry import open_registry
+        from tuxpilot.protocol.manifest import API_VERSIONS
+
+        assert request.name is not None
+        async with open_registry(config, request.registry, nc=nc) as registry:
+            version = request.version
+            if version is None:
+                speakable = [e for e in await registry.entries(request.name) if e.api_version in API_VERSIONS]
+                version = speakable[-1].version if speakable else None
+            path = await registry.fetch(request.name, version, incoming)
+            source = registry.name
     trust = keys.TrustStore(trust_store(config))
-    verified = await asyncio.to_thread(package.verify, path, trust, allow_unsigned=False)
+    verified = await asyncio.to_thread(package.verify, path, trust, allow_unsigned=config.marketplace.allow_unsigned)
     return verified, source
 
 

@@ -38,10 +38,10 @@ class MarketplaceConfig(Section):
         False, description="Install packages without a signature, or signed by a key this host does not trust."
     )
     trusted_keys: Path | None = Field(
-        None, description="The publishers' public keys this host trusts; unset: <state_dir>/trusted-keys."
+        None, description="The publishers' public keys this host trusts; unset: <state_dir>/keys/trusted."
     )
     signing_keys: Path | None = Field(
-        None, description="This user's own signing keys (`tuxpilot key new`); unset: <state_dir>/signing-keys."
+        None, description="This user's own signing keys (`tuxpilot key new`); unset: <state_dir>/keys/signing."
     )
     registry: str = Field(FLEET_REGISTRY, description="The registry used when a command names none.")
     registries: dict[str, RegistryConfig] = Field(default_factory=dict)
@@ -70,11 +70,11 @@ class MarketHost(Protocol):
 
 
 def trusted_keys_dir(config: MarketHost) -> Path:
-    return config.marketplace.trusted_keys or config.state_dir / "trusted-keys"
+    return config.marketplace.trusted_keys or config.state_dir / "keys" / "trusted"
 
 
 def signing_keys_dir(config: MarketHost) -> Path:
-    return config.marketplace.signing_keys or config.state_dir / "signing-keys"
+    return config.marketplace.signing_keys or config.state_dir / "keys" / "signing"
 
 
 def registry_config(config: MarketHost, name: str | None) -> tuple[str, RegistryConfig]:
