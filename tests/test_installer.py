@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from nats.aio.client import Client
 from tuxpilot.agent import installed
 from tuxpilot.agent.installer import Request
 from tuxpilot.protocol.errors import BadRequest
@@ -68,3 +69,51 @@ def test_a_bad_request_is_refused_with_a_reason(raw: bytes) -> None:
 def test_a_request_over_the_limit_is_refused() -> None:
     with pytest.raises(BadRequest, match="registry"):
         Request.parse(b" " * 2000, 1024)
+
+
+async def test_a_rolled_back_plugins_consumer_delivers_again_what_the_tried_version_acknowledged(nc: Client) -> None:
+    """The consumer is kept across an update; when the update is rolled back, the old version gets again the
+    events the tried one acknowledged meanwhile (its proposals are deduplicated by proposal id)."""
+    from tuxpilot.bus.streams import (
+        create_plugin_consumer,
+        ensure_streams,
+        plugin_consumer_floor,
+        rewind_plugin_consumer,
+    )
+    from tuxpilot.protocol.manifest import Manifest
+    from tuxpilot.protocol.names import Names, Subjects, plugin_consumer_name
+    from tuxpilot.settings import StreamsConfig
+
+    subjects, cfg = Subjects("tuxpilot", "h1"), StreamsConfig()
+    js = nc.jetstream()
+    await ensure_streams(js, subjects, cfg)
+    manifest = Manifest.from_doc({"name": "hello", "version": "0.1.0", "description": "d", "author": "a",
+                                  "license": "MIT", "category": "custom", "runtime": "python",
+                                  "entry_point": "plugin.py", "api_version": "1", "subscribes": ["demo.ping"]})
+    await create_plugin_consumer(js, manifest, subjects, cfg)
+    stream, name = Names.of(subjects).events, plugin_consumer_name("hello", "h1")
+    sub = await js.pull_subscribe_bind(durable=name, stream=stream)
+
+    async def handle(n: int) -> list[int]:
+        msgs = await sub.fetch(n, timeout=5)
+        for msg in msgs:
+            await msg.ack_sync()
+        return [msg.metadata.sequence.stream for msg in msgs]
+
+    for i in range(2):
+        await js.publish(subjects.event("demo.ping"), json.dumps({"i": i}).encode())
+    assert await handle(2) == [1, 2]  # the old version's work
+    floor = await plugin_consumer_floor(js, manifest, subjects)
+    assert floor == 2
+    for i in range(3):
+        await js.publish(subjects.event("demo.ping"), json.dumps({"i": i}).encode())
+    assert await handle(3) == [3, 4, 5]  # the tried version's work, then it is rolled back
+    assert await rewind_plugin_consumer(js, manifest, subjects, cfg, history=False, floor=floor)
+    await sub.unsubscribe()
+    again = await js.pull_subscribe_bind(durable=name, stream=stream)
+    msgs = await again.fetch(3, timeout=5)
+    assert [m.metadata.sequence.stream for m in msgs] == [3, 4, 5]
+    # A consumer that did not get past the floor is left alone.
+    for msg in msgs:
+        await msg.ack_sync()
+    assert not await rewind_plugin_consumer(js, manifest, subjects, cfg, history=False, floor=5)

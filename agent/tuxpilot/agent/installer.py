@@ -37,6 +37,7 @@ from tuxpilot.agent import installed, packages
 from tuxpilot.agent.config import Config, edit_grants, forget_grants
 from tuxpilot.agent.handrun import answer
 from tuxpilot.bus.registry import instances_of
+from tuxpilot.bus.streams import plugin_consumer_floor, rewind_plugin_consumer
 from tuxpilot.fleet.targets import Targets
 from tuxpilot.lifetime import Part
 from tuxpilot.protocol.errors import BadRequest, Conflict, NotFound, TuxPilotError
@@ -200,6 +201,8 @@ class Installer(Part):
             old = self._installed(name)
             old_folder = old.folder(self.config.state_dir)
             old_manifest = await asyncio.to_thread(load_manifest, old_folder)
+            assert self.agent.nc is not None
+            floor = await plugin_consumer_floor(self.agent.nc.jetstream(), old_manifest, self.subjects)
             await self.agent.stop_plugin(name)
             try:
                 await self.agent.start_plugin(name, staged.folder, manifest)
@@ -207,7 +210,7 @@ class Installer(Part):
             except Exception as exc:
                 why = f"{type(exc).__name__}: {exc}"
             if why is not None:
-                back = await self._roll_back(old_manifest, old_folder, staged)
+                back = await self._roll_back(old_manifest, old_folder, staged, floor)
                 log.error("update.rolled_back", plugin=name, version=manifest.version, kept=old.version, why=why,
                           old_healthy=back is None)
                 raise Unhealthy(
@@ -342,11 +345,15 @@ class Installer(Part):
                 answered = f" (answered: version {', '.join(sorted(seen))})" if seen else ""
                 return f"no instance answered $SRV.PING.{name} with version {version} within {limit:g} s{answered}"
 
-    async def _roll_back(self, manifest: Manifest, folder: Path, tried: Staged) -> str | None:
-        """The old version again: its files (never touched), its user's permissions, its consumer's filter (the
-        position is the durable's own, kept), its registry entry; None when it comes up healthy."""
+    async def _roll_back(self, manifest: Manifest, folder: Path, tried: Staged, floor: int | None) -> str | None:
+        """The old version again: its files (never touched), its user's permissions, its registry entry, and its
+        consumer where it was (what the tried version acknowledged is delivered again); None when it comes up
+        healthy."""
         await self.agent.stop_plugin(manifest.name)
         await asyncio.to_thread(installed.discard, tried.folder)
+        if floor is not None and self.agent.nc is not None:
+            await rewind_plugin_consumer(self.agent.nc.jetstream(), manifest, self.subjects, self.config.streams,
+                                         history=self.config.plugin(manifest.name).history, floor=floor)
         try:
             await self.agent.start_plugin(manifest.name, folder, manifest)
         except Exception as exc:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -212,6 +213,35 @@ async def create_plugin_consumer(
     """What the agent does for each local plugin under generated authorization (plugins may not)."""
     if manifest.subscribes:
         await plugin_consumer(js, manifest, subjects, cfg, _no_handler, history=history).ensure()
+
+
+async def plugin_consumer_floor(js: Any, manifest: Manifest, subjects: Subjects) -> int | None:
+    """The stream sequence up to which the plugin's consumer has every message acknowledged (None: it has no
+    consumer)."""
+    try:
+        info = await js.consumer_info(Names.of(subjects).events, plugin_consumer_name(manifest.name, subjects.host))
+    except NotFoundError:
+        return None
+    return int(info.ack_floor.stream_seq) if info.ack_floor else 0
+
+
+async def rewind_plugin_consumer(js: Any, manifest: Manifest, subjects: Subjects, cfg: StreamsConfig, *,
+                                 history: bool, floor: int) -> bool:
+    """Make the plugin's consumer deliver again from `floor + 1` when it has got past it, as made from this
+    manifest: what a replaced version acknowledged reaches the plugin again (its proposals carry the same
+    proposal ids, which the proposals stream stores once). Whether it was rewound."""
+    if not manifest.subscribes:
+        return False
+    consumer = plugin_consumer(js, manifest, subjects, cfg, _no_handler, history=history)
+    now = await plugin_consumer_floor(js, manifest, subjects)
+    if now is not None and now <= floor:
+        return False
+    with contextlib.suppress(NotFoundError):
+        await js.delete_consumer(consumer.stream, consumer.name)
+    await js.add_consumer(consumer.stream, config=dataclasses.replace(
+        consumer.config, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=floor + 1))
+    log.info("consumer.rewound", consumer=consumer.name, resume_seq=floor + 1, was=now)
+    return True
 
 
 async def delete_plugin_consumer(js: Any, manifest: Manifest, subjects: Subjects) -> None:
