@@ -444,7 +444,7 @@ class _LogFile:
 def _logs_to(path: Path, config: Config) -> Iterator[None]:
     """The gate logs at the host's level, as the agent does, into a file instead of the terminal."""
     sink = _LogFile(path)
-    setup_logging(config.log.level, config.log.format)
+    setup_logging(config.log.level, config.log.format, colors=False)  # a file, as a service's journal
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sink))  # type: ignore[arg-type]
     try:
         yield

@@ -4,20 +4,65 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+# A string value with one of these is quoted, as structlog's console renderer quotes it.
+_QUOTED = frozenset(" \t=\r\n\"'")
+_LEVEL_WIDTH, _EVENT_WIDTH = 9, 30
 
 
-def setup(level: str = "info", fmt: str = "console") -> None:
-    """Configure structlog; every logger then carries its bound context (host, plugin, event_id, action_id)."""
+def _value(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value) if _QUOTED.intersection(value) else value
+    return repr(value)
+
+
+def plain_console(_: Any, __: str, event: MutableMapping[str, Any]) -> str:
+    """structlog's console line without colors, in a third of the time.
+
+    A line is `<time> [<level>] <event> key=value…`, keys sorted, then an exception or stack below it:
+    what `structlog.dev.ConsoleRenderer(colors=False)` prints (a test keeps the two alike). That renderer
+    styles every field through a generic column layout: ~40 µs a line on the bench machine, this ~13.
+    The gate logs a line per action, so it was ~5 % of the gate's CPU at full load.
+    """
+    timestamp = event.pop("timestamp", None)
+    level = event.pop("level", None)
+    text = str(event.pop("event", ""))
+    logger = event.pop("logger", None)
+    exception = event.pop("exception", None)
+    stack = event.pop("stack", None)
+    head = [] if timestamp is None else [str(timestamp)]
+    if level is not None:
+        head.append(f"[{level:<{_LEVEL_WIDTH}}]")
+    pairs = " ".join(f"{key}={_value(event[key])}" for key in sorted(event))
+    tail = ([f"[{logger}]"] if logger is not None else []) + ([pairs] if pairs else [])
+    head.append(f"{text:<{_EVENT_WIDTH}}" if tail else text)
+    line = " ".join(head + tail)
+    if stack is not None:
+        line += "\n" + str(stack)
+    if exception is not None:
+        line += "\n" + str(exception)
+    return line
+
+
+def setup(level: str = "info", fmt: str = "console", *, colors: bool | None = None) -> None:
+    """Configure structlog; every logger then carries its bound context (host, plugin, event_id, action_id).
+
+    Console lines have colors when `colors` (by default: when stderr is a terminal); without, they are
+    rendered by `plain_console`, as a service's logs are.
+    """
+    if colors is None:
+        colors = sys.stderr.isatty()
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
         if fmt == "json"
-        else structlog.dev.ConsoleRenderer(
-            colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback
-        )
+        else structlog.dev.ConsoleRenderer(colors=True, exception_formatter=structlog.dev.plain_traceback)
+        if colors
+        else plain_console
     )
     structlog.configure(
         processors=[
