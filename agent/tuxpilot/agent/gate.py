@@ -316,7 +316,6 @@ class Gate(Part):
         try:
             await run_steps(self.steps, self, case)
             result = await self.execute(case)
-            await self.ledger.finish(case.id, result)
         except Stop as stop:
             error = ErrorDoc.model_validate(stop.error) if stop.error else None
             result = Result(status=stop.status, reason=stop.reason, message=stop.message, error=error)
@@ -396,7 +395,6 @@ class Gate(Part):
         result = self.stamp(reply_to_result(msg), case).model_copy(update={"late": True})
         log.warning("gate.late_reply", plugin=case.plugin, action=case.action, action_id=case.id,
                     status=result.status.value, ms=result.duration_ms)
-        await self.ledger.finish(case.id, result)
         await self.record(result, case.plugin, case.action)
 
     # -- the public action endpoint ------------------------------------------------------------------
