@@ -337,3 +337,5 @@ def test_install_and_update_by_name_from_the_fleet_registry(up: Up, signer: keys
     assert done.returncode == 0 and "0.2.0" in done.stdout, done.stderr + up.output()
     code, reply = up.call("greet")
     assert code == 0 and reply["data"] == {"greeting": "hello, world", "version": "0.2.0"}, reply
+    newest = up.cli("plugin", "update", "hello")
+    assert newest.returncode == 2 and "has nothing newer" in newest.stderr, newest.stderr

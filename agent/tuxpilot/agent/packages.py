@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuxpilot.agent.config import Config
+from tuxpilot.protocol.errors import Conflict
 from tuxpilot.protocol.manifest import Manifest
 from tuxpilot.runtimes.catalog import RUNTIMES
 from tuxpilot.runtimes.loader import plugin_path
@@ -38,7 +39,7 @@ async def obtain(config: Config, request: Request, incoming: Path,
     requested version, else the newest this host's protocol speaks), fetched over `nc`."""
     import asyncio
 
-    from tuxpilot.pdk import keys, package
+    from tuxpilot.pdk import deps, keys, package
 
     if request.package is not None:
         path, source = incoming / PACKAGE_FILE, "file"
@@ -52,6 +53,12 @@ async def obtain(config: Config, request: Request, incoming: Path,
             version = request.version
             if version is None:
                 speakable = [e for e in await registry.entries(request.name) if e.api_version in API_VERSIONS]
+                if current is not None:  # an update: only a version newer than the one in force
+                    newer = [e for e in speakable if deps.version_key(e.version) > deps.version_key(current.version)]
+                    if speakable and not newer:
+                        raise Conflict(f"{request.name} {current.version} is installed, and registry {registry.name} "
+                                       f"has nothing newer that this host can run (newest: {speakable[-1].version})")
+                    speakable = newer
                 version = speakable[-1].version if speakable else None
             path = await registry.fetch(request.name, version, incoming)
             source = registry.name
