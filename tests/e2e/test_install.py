@@ -290,6 +290,30 @@ async def test_fleet_install_through_each_targeted_hosts_agent(tmp_path: Path) -
                 assert json.loads(reply.data)["data"]["version"] == "0.1.0", reply.data
         finally:
             await admin_nc.close()
+
+        # A host's own operator may ask its own agent, not every agent of the fleet: the server refuses.
+        from tuxpilot.fleet import member, scopes
+        from tuxpilot.protocol.names import Subjects
+
+        enrollment = member.load_enrollment(fleet_dir / "hosts" / "db-1.json")
+        operator = member.write_creds(tmp_path / "op-db-1", enrollment, "operator")
+        errors: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc))
+
+        op_nc = await nats.connect(server.url, user_credentials=str(operator), error_cb=on_error,
+                                   inbox_prefix=scopes.inbox_of("operator", Subjects("tuxpilot", "db-1")),
+                                   allow_reconnect=False)
+        try:
+            body = json.dumps({"package": base64.b64encode(v1.read_bytes()).decode()}).encode()
+            await op_nc.publish("tuxpilot.fleet.agent.install", body, headers={"Tuxpilot-Hosts": "web-*"})
+            await op_nc.flush()
+            await asyncio.sleep(0.5)
+        finally:
+            await op_nc.close()
+        assert any('publish to "tuxpilot.fleet.agent.install"' in e for e in errors), errors
+        assert not (tmp_path / "state-db-1" / "installed").exists()
     finally:
         for agent in agents:
             await agent.stop()
