@@ -19,6 +19,7 @@ import pytest
 from tuxpilot.pdk import deps, package
 from tuxpilot.pdk.keys import KeyRing, PublicKey, Signer, TrustStore
 from tuxpilot.pdk.package import PackageRefused, canonical
+from tuxpilot.protocol.errors import ConfigError
 from tuxpilot.protocol.manifest import Manifest
 
 MANIFEST = """\
@@ -209,6 +210,15 @@ def test_keys_live_in_files(tmp_path: Path) -> None:
     shutil.copy(tmp_path / "trusted" / f"{key.id}.pub", tmp_path / "trusted" / f"{other.id}.pub")
     assert store.get(other.id) is None
     assert store.untrust("acme") == key
+    # A trust store anyone may write to trusts anyone: refused, never read.
+    store.trust(key)
+    os.chmod(store.folder, 0o777)
+    with pytest.raises(ConfigError, match="writable by group or others"):
+        store.get(key.id)
+    os.chmod(store.folder, 0o755)
+    os.chmod(store.folder / f"{key.id}.pub", 0o666)
+    with pytest.raises(ConfigError, match="writable by group or others"):
+        store.all()
 
 
 # --- hostile packages ----------------------------------------------------------------------------------
@@ -285,7 +295,8 @@ def test_ten_thousand_files(tmp_path: Path, trust: TrustStore, signer: Signer) -
     files = {"plugin.toml": MANIFEST.encode(), "plugin.py": b"x", **{f"f/{i:05}": b"" for i in range(10_000)}}
     members = signed_members(signer, files)
     many = forge(tmp_path / "many.tpkg", members)
-    assert "tuxpilot-package.json is 1230347 bytes, more than 1048576" in refused(many, trust)
+    assert "its file list (tuxpilot-package.json, at most 2000 files) is 1230347 bytes, more than 1048576" in \
+        refused(many, trust)
     reason = refused(many, trust, max_statement_bytes=4 << 20)
     assert "10002 files, more than a package may hold (2000)" in reason
     # The same entries behind a short (valid, signed) file list: stopped at the first one it does not name.

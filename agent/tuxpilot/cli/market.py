@@ -212,11 +212,14 @@ def plugin_info(
     out.print(f"publisher: {by}", markup=False)
     out.print(f"published {entry.published}; {_size(entry.size)}; sha256 {entry.sha256}; api_version "
               f"{entry.api_version}", markup=False)
+    out.print("permissions:" if entry.permissions else "permissions: none", markup=False)
     for p in entry.permissions:
         line = Text(f"  {p}")
         if p in entry.dangerous:
             line.append(f"  {DANGER}", style="bold red")
         out.print(line)
+    if entry.dependencies:
+        out.print("dependencies:", markup=False)
     for d in entry.dependencies:
         out.print(f"  needs {d.get('kind') or 'system'} {d['name']} {d.get('version') or ''}".rstrip(), markup=False)
     out.print(f"versions: {', '.join(e.version for e in versions)}", markup=False)

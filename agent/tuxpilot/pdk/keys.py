@@ -176,6 +176,7 @@ class TrustStore:
         if known is not None and known.key == key.key:
             return False
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o755)
+        os.chmod(self.folder, self.folder.stat().st_mode & 0o755)  # a umask of 002 must not open it to a group
         doc = {"algorithm": ALGORITHM, "name": key.name, "key_id": key.id, "public_key": _b64(key.key)}
         tmp = path.with_suffix(".tmp")
         tmp.unlink(missing_ok=True)
@@ -191,9 +192,22 @@ class TrustStore:
                 return key
         raise NotFound(f"no trusted key with id or name {ident!r} in {self.folder}")
 
+    def _guarded(self, path: Path) -> None:
+        """A trust store others may write to trusts whoever writes to it: refused, as is one another user owns
+        when root reads it (the agent installing as root)."""
+        st = path.stat()
+        if st.st_mode & 0o022:
+            raise ConfigError(f"{path} is writable by group or others (mode {st.st_mode & 0o777:o}): "
+                              "anyone who can write there could add a publisher; chmod go-w it")
+        if os.geteuid() == 0 and st.st_uid != 0:
+            raise ConfigError(f"{path} is owned by uid {st.st_uid}, not root: root trusts only keys root placed")
+
     def get(self, ident: str) -> PublicKey | None:
         if not re.fullmatch(r"[0-9a-f]{16}", ident):
             return None
+        if not self.folder.is_dir():
+            return None
+        self._guarded(self.folder)
         path = self.folder / f"{ident}.pub"
         if not path.is_file():
             return None
@@ -204,9 +218,11 @@ class TrustStore:
     def all(self) -> list[PublicKey]:
         if not self.folder.is_dir():
             return []
+        self._guarded(self.folder)
         return [self._load(p) for p in sorted(self.folder.glob("*.pub"))]
 
     def _load(self, path: Path) -> PublicKey:
+        self._guarded(path)
         try:
             doc = json.loads(path.read_text())
             return PublicKey(doc["name"], base64.b64decode(doc["public_key"], validate=True))

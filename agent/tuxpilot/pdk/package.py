@@ -436,7 +436,8 @@ def _entries(file: Path, tar: tarfile.TarFile, limits: Limits, *, trust: TrustSt
     first = next(members, None)
     if first is None or first.name != STATEMENT:
         raise refuse(file, f"the first entry is not {STATEMENT}")
-    statement = _read(tar, first, limits.max_statement_bytes, file, STATEMENT)
+    statement = _read(tar, first, limits.max_statement_bytes, file,
+                      f"its file list ({STATEMENT}, at most {limits.max_files} files)")
     name, version, files = _statement(statement, file, limits)
     member = next(members, None)
     key: PublicKey | None = None

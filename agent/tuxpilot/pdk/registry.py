@@ -136,7 +136,7 @@ class Registry:
                 raise Conflict(f"{entry.ref} is published in {self.name} already, with other contents "
                                f"(sha256 {known.sha256[:16]}…): publish a new version")
         await self._store(file, entry)
-        log.info("package.published", registry=self.name, name=entry.name, version=entry.version,
+        log.debug("package.published", registry=self.name, name=entry.name, version=entry.version,
                  publisher=entry.publisher, sha256=entry.sha256)
         return entry
 
