@@ -404,16 +404,15 @@ class Agent:
             await self.host.remove(name)
         self._plugins.pop(name, None)
 
-    async def forget_plugin(self, manifest: Manifest) -> None:
+    async def forget_plugin(self, name: str) -> None:
         """What the agent keeps for a stopped plugin, deleted: its NATS user and credential file, its durable
         consumer, its registry entry and state, the gate's manifest."""
         assert self.nc is not None and self.handrun is not None
-        name = manifest.name
         if self.config.fleet.enrollment is not None:
             member.forget_creds(self.config.state_dir, name)
         else:
-            await self.handrun.drop_users([manifest])
-        await delete_plugin_consumer(self.nc.jetstream(), manifest, self.subjects)
+            await self.handrun.drop_users([name])
+        await delete_plugin_consumer(self.nc.jetstream(), name, self.subjects)
         if self.registry is not None:
             await self.registry.remove(name)
         if self._states is not None:

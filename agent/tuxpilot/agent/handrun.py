@@ -144,18 +144,18 @@ class HandRun:
                 await asyncio.to_thread(self.server.reload, authorization)
         return {name: path for name, m in manifests.items() if (path := self._credential_file(m)) is not None}
 
-    async def drop_users(self, manifests: list[Manifest]) -> None:
+    async def drop_users(self, plugins: list[str]) -> None:
         """The users of these plugins (which no longer run) taken off the embedded server, their passwords
         and credential files deleted."""
         if self.server is None or not self.config.embedded.auth:
             return
-        gone = {m.name for m in manifests}
+        gone = set(plugins)
         async with self._lock:
             every = {n: m for n, (_, m) in {**self.running, **self.loaded}.items() if n not in gone}
             users = auth.users_for(self.subjects, every)
             hashes = await asyncio.to_thread(auth.provision, self.config.state_dir, users)
             await asyncio.to_thread(auth.forget, self.config.state_dir,
-                                    [auth.plugin_user(self.subjects, m).name for m in manifests])
+                                    [auth.plugin_user_name(self.subjects, n) for n in plugins])
             authorization = auth.server_config(users, hashes)
             if authorization != self.server.extra_config:
                 await asyncio.to_thread(self.server.reload, authorization)

@@ -37,7 +37,7 @@ from tuxpilot.agent import installed, packages
 from tuxpilot.agent.config import Config, edit_grants, forget_grants
 from tuxpilot.agent.handrun import answer
 from tuxpilot.bus.registry import instances_of
-from tuxpilot.bus.streams import plugin_consumer_floor, rewind_plugin_consumer
+from tuxpilot.bus.streams import delete_plugin_consumer, plugin_consumer_floor, rewind_plugin_consumer
 from tuxpilot.fleet.targets import Targets
 from tuxpilot.lifetime import Part
 from tuxpilot.protocol.errors import BadRequest, Conflict, NotFound, TuxPilotError
@@ -181,7 +181,7 @@ class Installer(Part):
                 why = f"{type(exc).__name__}: {exc}"
             if why is not None:
                 await self.agent.stop_plugin(name)
-                await self.agent.forget_plugin(manifest)
+                await self.agent.forget_plugin(name)
                 installed.discard(installed.plugin_dir(self.config.state_dir, name))
                 log.error("install.failed", plugin=name, version=manifest.version, why=why)
                 raise Unhealthy(f"{name} {manifest.version} did not come up: {why}; nothing was installed")
@@ -222,6 +222,8 @@ class Installer(Part):
             records[name] = staged.record
             installed.write(self.config.state_dir, records)
             await asyncio.to_thread(installed.discard, old_folder)
+            if old_manifest.subscribes and not manifest.subscribes:  # the new version reads no events
+                await delete_plugin_consumer(self.agent.nc.jetstream(), name, self.subjects)
             granted = self._grant(manifest, request.grant)
         log.info("update.done", plugin=name, version=manifest.version, previous=old.version, granted=granted)
         return self._reply(staged, granted, previous=old.version)
@@ -234,12 +236,9 @@ class Installer(Part):
         except (ValueError, KeyError, TypeError):
             raise BadRequest('give {"name": "NAME"}') from None
         async with self.agent.plugins_lock:
-            record = self._installed(name)
-            folder = record.folder(self.config.state_dir)
-            running = self.agent.running_plugins().get(name)
-            manifest = running[1] if running else await asyncio.to_thread(load_manifest, folder)
+            record = self._installed(name)  # its manifest is not needed: a broken one is removed all the same
             await self.agent.stop_plugin(name)
-            await self.agent.forget_plugin(manifest)
+            await self.agent.forget_plugin(name)
             records = installed.read(self.config.state_dir)
             records.pop(name, None)
             installed.write(self.config.state_dir, records)

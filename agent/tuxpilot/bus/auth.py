@@ -106,9 +106,13 @@ def agent_user(subjects: Subjects) -> User:
     )
 
 
+def plugin_user_name(subjects: Subjects, plugin: str) -> str:
+    return f"tuxpilot-{subjects.host}-plugin-{plugin}"
+
+
 def plugin_user(subjects: Subjects, manifest: Manifest) -> User:
     p, h, n = subjects.prefix, subjects.host, manifest.name
-    names, name = Names.of(subjects), f"tuxpilot-{h}-plugin-{n}"
+    names, name = Names.of(subjects), plugin_user_name(subjects, n)
     consumer = plugin_consumer_name(n, h)
     publish = [
         # Its own proposal subject only: the gate reads the proposer from it.

@@ -244,10 +244,10 @@ async def rewind_plugin_consumer(js: Any, manifest: Manifest, subjects: Subjects
     return True
 
 
-async def delete_plugin_consumer(js: Any, manifest: Manifest, subjects: Subjects) -> None:
-    """A removed plugin's durable consumer, deleted (none to delete is fine)."""
+async def delete_plugin_consumer(js: Any, plugin: str, subjects: Subjects) -> None:
+    """A plugin's durable consumer, deleted (none to delete is fine)."""
     with contextlib.suppress(NotFoundError):
-        await js.delete_consumer(Names.of(subjects).events, plugin_consumer_name(manifest.name, subjects.host))
+        await js.delete_consumer(Names.of(subjects).events, plugin_consumer_name(plugin, subjects.host))
 
 
 async def guard_plugin_consumers(
