@@ -22,7 +22,7 @@ NEEDS = {"python": (), "javascript": ("node", "npm"), "wasm": ("clang",)}
 
 
 def cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TUXPILOT_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUXPILOT_")} | {"TUXPILOT_CONFIG": "/dev/null"}
     return subprocess.run([TUXPILOT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -191,3 +191,141 @@ async def test_replay_shows_what_a_new_version_would_propose_against_the_fleets_
         doc = json.loads(stdout)
         assert doc["version"] == "0.2.0" and doc["events"] == 4
         assert doc["types"]["memory.high"]["counts"] == {"same": 2, "changed": 1, "new": 0, "gone": 1, "none": 0}
+
+
+class View:
+    """The lines a `plugin dev` process prints, read as they come."""
+
+    def __init__(self, proc: asyncio.subprocess.Process):
+        self.proc = proc
+        self.lines: list[str] = []
+
+    async def wait_for(self, *needles: str, limit: float = 60) -> str:
+        """The first line (from now on) holding every needle."""
+        assert self.proc.stdout is not None
+        deadline = asyncio.get_running_loop().time() + limit
+        while True:
+            left = deadline - asyncio.get_running_loop().time()
+            assert left > 0, f"no line with {needles} in:\n" + "\n".join(self.lines)
+            try:
+                raw = await asyncio.wait_for(self.proc.stdout.readline(), left)
+            except TimeoutError:
+                continue
+            assert raw, f"plugin dev ended (no line with {needles}):\n" + "\n".join(self.lines)
+            line = raw.decode().rstrip()
+            self.lines.append(line)
+            if all(n in line for n in needles):
+                return line
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+# Where each runtime's scaffold says hello, and the edit that makes it say hi.
+EDITS = {"python": ("plugin.py", 'f"hello {params', 'f"hi {params'),
+         "javascript": ("handlers.js", "`hello ${params", "`hi ${params"),
+         "wasm": ("plugin.c", '"hello %s"', '"hi %s"')}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", ["python", "javascript", "wasm"])
+async def test_plugin_dev_restarts_on_a_change_and_shows_the_emitted_events_proposal_and_result(
+    tmp_path: Path, runtime: str
+) -> None:
+    import re
+    import signal
+
+    for program in NEEDS[runtime]:
+        need(program, shutil.which(program) is not None, f"{program} is not on PATH")
+    folder = tmp_path / "greeter"
+    scaffold.new("greeter", runtime=runtime, category="custom", folder=folder)
+    source, before, after = EDITS[runtime]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUXPILOT_")}
+    # No local `tuxpilot up` there.
+    env.update(TUXPILOT_STATE_DIR=str(tmp_path / "state"), TUXPILOT_CONFIG="/dev/null", COLUMNS="200")
+    proc = await asyncio.create_subprocess_exec(
+        TUXPILOT, "plugin", "dev", str(folder), "--emit", "memory.high", "--value", "96", "--resource", "web",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    view = View(proc)
+    pids: list[int] = []
+    try:
+        await view.wait_for("starting an embedded one")
+        if runtime == "wasm":
+            await view.wait_for("building: sh build.sh")
+        if runtime == "javascript":
+            await view.wait_for("installing the plugin's dependencies")
+        pids.append(int(re.findall(r"pid (\d+)", await view.wait_for("started greeter 0.1.0"))[0]))
+        await view.wait_for("event", "memory.high", "resource=web")
+        await view.wait_for("proposal", 'hello {"name":"web"}')
+        await view.wait_for("result", "greeter.hello ok", '{"text":"hello web"}')
+
+        code = (folder / source).read_text()
+        assert before in code
+        (folder / source).write_text(code.replace(before, after))
+        await view.wait_for(f"changed: {source}; restarting (restart 1)")
+        if runtime == "wasm":
+            await view.wait_for("building: sh build.sh")
+        pids.append(int(re.findall(r"pid (\d+)", await view.wait_for("started greeter 0.1.0"))[0]))
+        assert not _alive(pids[0])  # the first process was stopped before the second started
+        await view.wait_for("proposal", 'hello {"name":"web"}')
+        await view.wait_for("result", "greeter.hello ok", '{"text":"hi web"}')
+
+        # A change that breaks the manifest: nothing starts, and it says why, until the next change.
+        manifest = (folder / "plugin.toml").read_text()
+        (folder / "plugin.toml").write_text(manifest.replace(f'runtime = "{runtime}"', 'runtime = "cobol"'))
+        await view.wait_for("not started", "runtime")
+        (folder / "plugin.toml").write_text(manifest)
+        pids.append(int(re.findall(r"pid (\d+)", await view.wait_for("started greeter 0.1.0"))[0]))
+        await view.wait_for("result", "greeter.hello ok", '{"text":"hi web"}')
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(proc.wait(), 30)
+    assert proc.returncode == 0, "\n".join(view.lines)
+    assert not any(_alive(pid) for pid in pids)
+
+
+@pytest.mark.slow
+async def test_plugin_dev_runs_the_plugin_through_the_local_tuxpilot_up(tmp_path: Path) -> None:
+    import signal
+
+    from tests.test_nats_context import Up
+
+    folder = tmp_path / "greeter"
+    scaffold.new("greeter", runtime="python", category="custom", folder=folder)
+    up = Up(tmp_path)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            TUXPILOT, "plugin", "dev", str(folder), "--local", "--emit", "memory.high", "--resource", "web",
+            env={**up.env, "COLUMNS": "200"}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        view = View(proc)
+        try:
+            await view.wait_for("using the local agent")
+            await view.wait_for("greeter is serving")
+            await view.wait_for("proposal", 'hello {"name":"web"}')
+            # The local agent's gate decided and the plugin ran it, as the agent's audit shows too.
+            await view.wait_for("result", "greeter.hello ok", '{"text":"hello web"}')
+        finally:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGINT)
+            await asyncio.wait_for(proc.wait(), 30)
+        assert proc.returncode == 0, "\n".join(view.lines)
+        audit = up.cli("audit", "--plugin", "greeter", "--json")
+        assert '"status": "ok"' in audit.stdout or '"status":"ok"' in audit.stdout, audit.stdout + audit.stderr
+    finally:
+        up.stop()
+
+
+def test_plugin_dev_local_without_a_local_agent_says_so(tmp_path: Path) -> None:
+    scaffold.new("greeter", runtime="python", category="custom", folder=tmp_path / "greeter")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUXPILOT_")}
+    env.update(TUXPILOT_STATE_DIR=str(tmp_path / "state"), TUXPILOT_CONFIG="/dev/null")
+    proc = subprocess.run([TUXPILOT, "plugin", "dev", str(tmp_path / "greeter"), "--local"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "no local `tuxpilot up`" in proc.stderr

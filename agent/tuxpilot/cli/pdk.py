@@ -149,3 +149,93 @@ def _replay(ctx: typer.Context, folder: Path, since: str, server: str | None, *,
     else:
         for line in replay.render(result):
             out.print(line, markup=False)
+
+
+def plugin_dev(
+    ctx: typer.Context,
+    path: Annotated[Path, typer.Argument(help="The plugin's folder.")],
+    emit: Annotated[str | None, typer.Option(help="An event type to publish once the plugin serves, and "
+                                             "again after each restart, e.g. memory.high.")] = None,
+    data: Annotated[str | None, typer.Option(help="With --emit: the event's data, a JSON object.")] = None,
+    value: Annotated[float | None, typer.Option(help="With --emit: the event's value.")] = None,
+    resource: Annotated[str | None, typer.Option(help="With --emit: the event's resource.")] = None,
+    embedded: Annotated[bool | None, typer.Option("--embedded/--local", help="Run on an embedded server and agent "
+                                                  "started here, or only on the local `tuxpilot up` (default: "
+                                                  "the local one when it answers, else embedded).")] = None,
+) -> None:
+    """Run the plugin against a real gate and restart it whenever a file of its folder changes.
+
+    Its events, proposals, the gate's decisions and results, and its own log lines show in one view;
+    Ctrl-C stops it (and an embedded server and agent started for it)."""
+    import asyncio
+    import signal
+
+    from tuxpilot.cli.render import describe
+    from tuxpilot.log import setup as setup_logging
+    from tuxpilot.pdk import dev
+
+    config = config_of(ctx)
+    folder = path.resolve()
+    if not folder.is_dir():
+        fail(f"{path} is not a folder", EXIT_USAGE)
+    try:
+        doc = json.loads(data) if data is not None else {}
+    except ValueError as exc:
+        fail(f"--data is not JSON: {exc}", EXIT_USAGE)
+    if not isinstance(doc, dict):
+        fail("--data must be a JSON object", EXIT_USAGE)
+    if emit is None and (data is not None or value is not None or resource is not None):
+        fail("--data, --value and --resource go with --emit", EXIT_USAGE)
+    if emit is not None:
+        from tuxpilot.protocol.models import Event
+
+        try:
+            Event.new(emit, config.host_id)
+        except ValueError:
+            fail(f"--emit {emit!r}: an event type is <category>.<name>, e.g. memory.high", EXIT_USAGE)
+    setup_logging("warning", config.log.format)
+
+    def show(kind: str, text: str) -> None:
+        if kind in ("event", "proposal", "result"):
+            subject, _, body = text.partition(" ")
+            out.print(_describe(kind, subject, body.encode(), describe))
+        else:
+            out.print(f"{'dev ' if kind == 'dev' else 'log '} {text}", markup=False,
+                      style="bold" if kind == "dev" else "dim")
+
+    loop_ = dev.DevLoop(folder, show, emit=dev.Emit(emit, doc, value, resource) if emit is not None else None)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        running = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            running.add_signal_handler(sig, stop.set)
+        await loop_.run(config, stop, use_embedded=embedded)
+        out.print("dev  stopped", markup=False, style="bold")
+
+    run_async(main())
+
+
+def _describe(kind: str, subject: str, body: bytes, describe: Any) -> str:
+    """A view line: the proposal with each action's params (what an author changes), else the usual line."""
+    import contextlib
+    from datetime import datetime
+
+    from rich.markup import escape
+
+    if kind == "proposal":
+        try:
+            doc = json.loads(body)
+            acts = "; ".join(f"{a.get('action')} {json.dumps(a.get('params') or {}, separators=(',', ':'))}"
+                             for a in doc.get("actions") or [])
+            at = datetime.now().strftime("%H:%M:%S")
+            return f"{at} [yellow]proposal[/] " + escape(f"{acts} (event {str(doc.get('event_id'))[:8]})")
+        except (ValueError, AttributeError):
+            pass
+    line = str(describe(subject, body))
+    if kind == "result":
+        with contextlib.suppress(ValueError, AttributeError):
+            data = json.loads(body).get("data")
+            if data is not None:
+                line += " " + escape(json.dumps(data, separators=(",", ":"))[:300])
+    return line

@@ -274,3 +274,4 @@ async def _plugin_credentials(config: Config, folder: Path) -> NatsConfig:
 
 app.command("new")(pdk.plugin_new)
 app.command("test")(pdk.plugin_test)
+app.command("dev")(pdk.plugin_dev)

@@ -142,14 +142,16 @@ async def connect_as(url: str, state_dir: Path, user: str, name: str) -> Client:
 
 
 def environment(folder: Path, state_dir: Path, *, host: str, dry_run: bool, ack_wait_s: float,
-                backoff_s: float, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The agent's whole configuration, as variables: nothing from the user's config file or environment."""
+                backoff_s: float, run: bool = True, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The agent's whole configuration, as variables: nothing from the user's config file or environment.
+    With `run`, its plugin host runs the plugin; without, it runs nothing (the plugin is loaded by hand,
+    agent control `load_plugin`, as `plugin dev` does)."""
     manifest = load_manifest(folder)
     return {
         launch.HOST_ID: host,
         launch.STATE_DIR: str(state_dir),
-        "TUXPILOT_PLUGIN_DIRS": str(folder),
-        "TUXPILOT_RUN_PLUGINS": manifest.name,
+        "TUXPILOT_PLUGIN_DIRS": str(folder) if run else "[]",
+        "TUXPILOT_RUN_PLUGINS": manifest.name if run else "[]",
         "TUXPILOT_MONITOR_ENABLED": "false",
         "TUXPILOT_GATE_DRY_RUN": "true" if dry_run else "false",
         "TUXPILOT_STREAMS_ACK_WAIT_S": str(ack_wait_s),
@@ -167,10 +169,10 @@ async def embedded(
     ack_wait_s: float = 1.0,
     backoff_s: float = 2.0,
     extra: dict[str, str] | None = None,
-    wait: bool = True,
+    run: bool = True,
 ) -> AsyncIterator[Embedded]:
-    """Start the server and agent for the plugin in `folder`; with `wait`, return once it answers PING.
-    Everything (server, agent, plugin process, state folder) is gone on exit."""
+    """Start the server and agent for the plugin in `folder`; with `run`, its host runs the plugin and this
+    returns once it answers PING. Everything (server, agent, plugin process, state folder) is gone on exit."""
     from tuxpilot.agent.app import Agent
     from tuxpilot.agent.config import load_config
     from tuxpilot.bus import auth
@@ -180,7 +182,7 @@ async def embedded(
     with tempfile.TemporaryDirectory(prefix="tuxpilot-pdk-") as tmp:
         state = Path(tmp) / "state"
         config = load_config(environ=environment(folder, state, host=host, dry_run=dry_run, ack_wait_s=ack_wait_s,
-                                                  backoff_s=backoff_s, extra=extra))
+                                                  backoff_s=backoff_s, run=run, extra=extra))
         subjects = Subjects.of(config)
         agent = Agent(config)
         await agent.start()
@@ -189,7 +191,7 @@ async def embedded(
             gate = await connect_as(agent.url, state, auth.agent_user(subjects).name, "tuxpilot-pdk-gate")
             operator = await connect_as(agent.url, state, auth.operator_user(subjects).name, "tuxpilot-pdk")
             rig = Embedded(agent, gate, operator, manifest, folder, state, subjects)
-            if wait:
+            if run:
                 await rig.wait_serving()
             yield rig
         finally:
