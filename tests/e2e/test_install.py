@@ -320,10 +320,33 @@ async def test_fleet_install_through_each_targeted_hosts_agent(tmp_path: Path) -
         server.stop()
 
 
-def test_a_javascript_package_gets_its_dependencies_from_its_lockfile(up: Up, signer: keys.Signer,
-                                                                        tmp_path: Path) -> None:
-    """The agent runs `npm ci` (no install scripts) in the installed folder before it starts the plugin; the
-    package itself carries no node_modules."""
+def test_javascript_and_wasm_packages_are_prepared_for_their_runtime(up: Up, signer: keys.Signer,
+                                                                      tmp_path: Path) -> None:
+    """The agent runs `npm ci` (no install scripts) in the installed folder before it starts a JavaScript
+    plugin (the package carries no node_modules), and checks a wasm plugin's module with wasmtime; both come
+    up healthy and serve through the gate."""
+    from tests.wasm import guests
+
+    wasm = tmp_path / "echoer"
+    wasm.mkdir()
+    guests.build("echo", wasm).rename(wasm / "guest.wasm")
+    (wasm / "plugin.toml").write_text(
+        'name = "echoer"\nversion = "1.0.0"\ndescription = "echoes"\ncategory = "development"\n'
+        'runtime = "wasm"\nentry_point = "guest.wasm"\napi_version = "1"\n[actions.echo]\n[limits]\nmemory_mb = 16\n')
+    wasm_out = tmp_path / "wasm-dist"
+    wasm_out.mkdir()
+    done = up.cli("plugin", "install", str(package.build(wasm, wasm_out, signer)))
+    assert done.returncode == 0 and "installed echoer 1.0.0" in done.stdout, done.stderr + up.output()
+    called = up.cli("call", HOST, "echoer", "echo", '{"x": 1}')
+    assert called.returncode == 0 and '"action": "echo"' in called.stdout, called.stdout + called.stderr
+    broken = tmp_path / "broken"
+    shutil.copytree(wasm, broken)
+    (broken / "guest.wasm").write_bytes(b"\0asm not really")
+    (broken / "plugin.toml").write_text((broken / "plugin.toml").read_text().replace('"echoer"', '"broken"'))
+    done = up.cli("plugin", "install", str(package.build(broken, wasm_out, signer)))
+    assert done.returncode == 1 and "not a valid WebAssembly module" in done.stderr, done.stderr
+    assert not (up.state / "installed" / "broken").exists()
+
     for program in ("node", "npm"):
         need(program, shutil.which(program) is not None, f"{program} is not on PATH")
     from tuxpilot.pdk import scaffold
