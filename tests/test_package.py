@@ -13,9 +13,11 @@ import shutil
 import tarfile
 import zlib
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tuxpilot.pdk import deps, package
 from tuxpilot.pdk.keys import KeyRing, PublicKey, Signer, TrustStore
 from tuxpilot.pdk.package import PackageRefused, canonical
@@ -405,3 +407,40 @@ def test_refusals_are_one_line_for_garbage(tmp_path: Path, trust: TrustStore) ->
     assert "broken archive" in refused(tmp_path / "cut.tpkg", trust)
     (tmp_path / "zl.tpkg").write_bytes(b"\x1f\x8b" + zlib.compress(b"x" * 100))
     refused(tmp_path / "zl.tpkg", trust)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tree=st.dictionaries(
+    st.lists(st.text("abcXY_-.0", min_size=1, max_size=6).filter(lambda p: p not in (".", "..")),
+             min_size=1, max_size=3).map("/".join),
+    st.tuples(st.binary(max_size=300), st.booleans()), max_size=6))
+def test_any_plugin_round_trips_and_builds_the_same_bytes(tmp_path_factory: pytest.TempPathFactory,
+                                                          tree: dict[str, tuple[bytes, bool]]) -> None:
+    """Whatever the files, names and modes: verify and unpack give back exactly the files, and a second build
+    of the same folder (elsewhere, later) gives the same bytes."""
+    # A path may not be both a file and another's folder, nor a name the build leaves out.
+    paths = sorted(p for p in tree if not package._ignored(PurePosixPath(p), list(package.IGNORED)))
+    folders = {"/".join(p.split("/")[:i]) for p in paths for i in range(1, p.count("/") + 1)}
+    files = {p: tree[p] for p in paths if p not in folders and p not in ("plugin.toml", "plugin.py")}
+    tmp = tmp_path_factory.mktemp("tree")
+    signer = Signer.generate("acme")
+    trust = TrustStore(tmp / "trusted")
+    trust.trust(signer.public)
+    for copy in ("one", "two"):
+        folder = tmp / copy
+        folder.mkdir()
+        (folder / "plugin.toml").write_text(MANIFEST)
+        (folder / "plugin.py").write_text("print('x')\n")
+        for path, (data, executable) in files.items():
+            (folder / path).parent.mkdir(parents=True, exist_ok=True)
+            (folder / path).write_bytes(data)
+            os.chmod(folder / path, 0o755 if executable else 0o640)
+    one = package.build(tmp / "one", tmp / "out1", signer)
+    two = package.build(tmp / "two", tmp / "out2", signer)
+    assert one.read_bytes() == two.read_bytes()
+    dest = package.unpack(package.verify(one, trust, allow_unsigned=False), tmp / "dest")
+    for path, (data, executable) in files.items():
+        assert (dest / path).read_bytes() == data
+        assert os.stat(dest / path).st_mode & 0o777 == (0o755 if executable else 0o644)
+    got = {str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()}
+    assert got == {*files, "plugin.toml", "plugin.py"}
