@@ -270,7 +270,9 @@ class Agent:
         # Decided once, from the servers the connection knows: every stream, bucket and plugin after this
         # (plugins get the streams section in their environment) uses the same count.
         cfg.streams = cfg.streams.model_copy(update={"replicas": replicas_for(nc, cfg.streams)})
-        await ensure_streams(js, self.subjects, cfg.streams)
+        # A fleet's shared streams are its administrator's to change (a host's key may not rewrite the
+        # audit stream, whose sources name the leaf hosts): a host only creates what is missing.
+        await ensure_streams(js, self.subjects, cfg.streams, update=cfg.fleet.enrollment is None)
         # What plugins may not do for themselves under generated authorization.
         await open_bucket(js, self.subjects, cfg.streams.replicas)
         for name, (_, manifest) in plugins.items():

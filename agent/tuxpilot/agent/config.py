@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 from tuxpilot.agent.approvals import ApprovalPolicy
 from tuxpilot.pdk.settings import MarketplaceConfig
 from tuxpilot.protocol.errors import ConfigError
-from tuxpilot.protocol.manifest import Manifest, Permission
+from tuxpilot.protocol.manifest import FleetLimit, Manifest, Permission
 from tuxpilot.runtimes.settings import HostSettings
 from tuxpilot.settings import EmbeddedConfig, Seconds, Section, load_settings
 
@@ -90,6 +90,10 @@ class GateConfig(Section):
     )
     late_reply_window_s: Annotated[float, Field(ge=0)] = Field(
         300.0, description="How long a timed-out action's late reply is still recorded as a follow-up outcome."
+    )
+    fleet_limits: dict[str, FleetLimit] = Field(
+        default_factory=dict,
+        description='Fleet concurrency limits, keyed "plugin.action"; over the manifest\'s `fleet_limit`.',
     )
 
 

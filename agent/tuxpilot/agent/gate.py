@@ -33,6 +33,7 @@ from pydantic import ValidationError
 
 from tuxpilot.agent.config import Config
 from tuxpilot.agent.executor import Executor
+from tuxpilot.agent.leases import LeaseRefused, Leases
 from tuxpilot.agent.ledger import Ledger
 from tuxpilot.agent.rates import ProposalRates, Window
 from tuxpilot.agent.registry import Registry
@@ -146,6 +147,8 @@ class Gate(Part):
         self.ledger = Ledger(nc, self.subjects, config.streams)
         self.executor: Executor[Case] = Executor(nc, self._on_late, watch_s=config.gate.late_reply_window_s)
         self.rates = ProposalRates()
+        self.leases = Leases(nc, self.subjects, {**config.fleet.labels, **config.labels},
+                             create=config.fleet.enrollment is None)
         self.consumer: Durable | None = None
         self.service: Service | None = None
         self.in_flight: dict[str, int] = {}
@@ -184,6 +187,18 @@ class Gate(Part):
 
     async def hold(self, case: Case) -> str | None:
         return await self.approvals.hold(case) if self.approvals is not None else None
+
+    async def lease(self, case: Case) -> tuple[str, dict[str, Any]] | None:
+        assert case.spec is not None
+        limit = self.config.gate.fleet_limits.get(case.key) or case.spec.fleet_limit
+        if limit is None:
+            return None
+        try:
+            case.lease = await self.leases.acquire(case.plugin, case.action, limit,
+                                                   case.spec.timeout_s or self.config.gate.action_timeout_s, case.id)
+        except LeaseRefused as refused:
+            return refused.message, refused.details
+        return None
 
     # -- lifetime ------------------------------------------------------------------------------------
 
@@ -319,6 +334,9 @@ class Gate(Part):
         except Stop as stop:
             error = ErrorDoc.model_validate(stop.error) if stop.error else None
             result = Result(status=stop.status, reason=stop.reason, message=stop.message, error=error)
+        finally:
+            if case.lease is not None:
+                await self.leases.release(case.lease)
         result = self.stamp(result, case)
         log.info("gate.decided", source=case.source.value, plugin=case.plugin, action=case.action, action_id=case.id,
                  event_id=case.event_id, proposed_by=case.proposer, caller=case.caller, status=result.status.value,

@@ -52,6 +52,7 @@ class Case:
     deferred: Stop | None = None
     reply: Any = None  # the plugin's reply message, once it ran
     approved_by: str | None = None  # set when an approver released this case from `pending`
+    lease: Any = None  # its fleet lease while it runs (agent/leases.py), given back once done
 
     @property
     def key(self) -> str:
@@ -79,6 +80,8 @@ class Policy(Protocol):
     async def cooldown(self, key: str, pause: float) -> float | None: ...
 
     async def hold(self, case: Case) -> str | None: ...
+
+    async def lease(self, case: Case) -> tuple[str, dict[str, Any]] | None: ...
 
 
 Step = Callable[[Policy, Case], Awaitable[None]]
@@ -241,6 +244,16 @@ async def check_dry_run(gate: Policy, case: Case) -> None:
         raise Stop(Status.dry_run, Reason.dry_run_mode, f"dry run: {case.key} was not executed (gate dry-run policy)")
 
 
+async def take_fleet_lease(gate: Policy, case: Case) -> None:
+    """An action under a fleet concurrency limit runs only holding one of its group's K leases (last: a
+    case stopped by any other step never takes one); the gate gives it back once the action is done."""
+    refused = await gate.lease(case)
+    if refused is not None:
+        message, details = refused
+        raise Stop(Status.refused, Reason.fleet_limit, message,
+                   {"code": Reason.fleet_limit.value, "message": message, "details": details})
+
+
 STEPS: tuple[Step, ...] = (
     check_proposer,
     check_owner,
@@ -252,6 +265,7 @@ STEPS: tuple[Step, ...] = (
     check_cooldown,
     release_deferred,
     check_dry_run,
+    take_fleet_lease,
 )
 
 

@@ -25,6 +25,7 @@ from tuxpilot.protocol.names import (
     Subjects,
     approvals_bucket,
     inbox_prefix,
+    leases_bucket,
     operator_consumer_name,
     package_index_bucket,
     packages_bucket,
@@ -85,6 +86,8 @@ def agent_user(subjects: Subjects) -> User:
                                                names.plugin_state, approvals_bucket(subjects),
                                                schedules_bucket(subjects))),
             subjects.approval("*"),  # approval requests it announces
+            # Its own leases under any fleet limit, never another host's (`lease_key`).
+            f"$KV.{leases_bucket(subjects)}.*.{h}",
             "$SRV.PING",
             "$SRV.PING.*",  # one plugin's instances: the health check after an install or update
         ],

@@ -105,10 +105,13 @@ class Scope:
     subscribe: list[str]
     allow_responses: bool = False
     description: str = ""
+    deny_publish: tuple[str, ...] = ()  # carved out of `publish` (nats-server checks deny after allow)
 
     def claim(self) -> dict[str, Any]:
-        template: dict[str, Any] = {"pub": {"allow": self.publish}, "sub": {"allow": self.subscribe},
-                                    **UNLIMITED_USER}
+        pub: dict[str, Any] = {"allow": self.publish}
+        if self.deny_publish:
+            pub["deny"] = list(self.deny_publish)
+        template: dict[str, Any] = {"pub": pub, "sub": {"allow": self.subscribe}, **UNLIMITED_USER}
         if self.allow_responses:
             template["resp"] = {"max": 1, "ttl": 0}
         return {"kind": "user_scope", "key": self.key, "role": self.role, "template": template,

@@ -22,7 +22,7 @@ from nats.js.kv import KeyValue
 
 from tuxpilot.bus.consumer import Durable, Handler
 from tuxpilot.protocol.manifest import Manifest
-from tuxpilot.protocol.names import Names, Subjects, plugin_consumer_name
+from tuxpilot.protocol.names import Names, Subjects, leases_bucket, plugin_consumer_name
 from tuxpilot.settings import StreamsConfig
 
 log = structlog.get_logger("tuxpilot.streams")
@@ -118,12 +118,13 @@ async def ensure_streams(js: JetStreamContext, subjects: Subjects, cfg: StreamsC
 
 
 def bucket_config(
-    name: str, *, max_age: float, max_bytes: int, replicas: int = 1, what: str = ""
+    name: str, *, max_age: float, max_bytes: int, replicas: int = 1, what: str = "", rollups: bool = True
 ) -> StreamConfig:
     """A KV bucket's stream with TuxPilot's bounds: an age, a size, per-message TTLs allowed.
 
     When full it drops its oldest keys (discard old) instead of refusing new writes: a bucket that
     one plugin's flood filled must not stop the gate from claiming or pacing anyone's actions.
+    `rollups` off where a writer of one key must not be able to purge the others.
     """
     return StreamConfig(
         name=KV_STREAM_TEMPLATE.format(bucket=name),
@@ -135,7 +136,7 @@ def bucket_config(
         max_age=max_age,
         max_bytes=max_bytes,
         max_msgs_per_subject=1,
-        allow_rollup_hdrs=True,
+        allow_rollup_hdrs=rollups,
         allow_msg_ttl=True,
         deny_delete=True,
         num_replicas=replicas,
@@ -153,6 +154,29 @@ async def bounded_bucket(
     except BadRequestError:
         await js.update_stream(config)
     return await js.key_value(name)
+
+
+LEASES_KEEP_S = 24 * 3600.0
+LEASES_MAX_BYTES = 64 * 1024 * 1024
+
+
+def leases_config(subjects: Subjects, replicas: int = 1) -> StreamConfig:
+    """The fleet leases bucket (agent/leases.py). Discard new when full: a host flooding keys of its own
+    makes leases fail (actions refused); it cannot evict the others' leases, as discard old would (letting
+    more than K run). No rollups: one would purge every key."""
+    config = bucket_config(leases_bucket(subjects), max_age=LEASES_KEEP_S, max_bytes=LEASES_MAX_BYTES,
+                           replicas=replicas, what="TuxPilot fleet leases: one key per (limit, host)", rollups=False)
+    config.discard = DiscardPolicy.NEW
+    return config
+
+
+async def ensure_leases_bucket(js: JetStreamContext, subjects: Subjects, replicas: int = 1) -> None:
+    """Create the bucket (a fleet's administrator does; a single host's agent for itself)."""
+    config = leases_config(subjects, replicas)
+    try:
+        await js.add_stream(config)
+    except BadRequestError:
+        await js.update_stream(config)
 
 
 async def bucket_entries(

@@ -20,7 +20,7 @@ from tuxpilot.bus import jwt
 from tuxpilot.bus.jwt import Key
 from tuxpilot.fleet import scopes
 from tuxpilot.protocol.errors import ConfigError, TuxPilotError
-from tuxpilot.protocol.names import Subjects
+from tuxpilot.protocol.names import HUB_DOMAIN, Subjects
 
 FLEET_FILE = "fleet.json"
 CLAIMS_UPDATE = "$SYS.REQ.CLAIMS.UPDATE"
@@ -30,6 +30,7 @@ class HostRecord(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
     keys: dict[str, str] = Field(description="Role → seed of the host's scoped signing key.")
     revoked: bool = False
+    leaf: bool = Field(False, description="Runs a leaf server of its own: the hub's audit sources its records.")
 
 
 class Fleet(BaseModel):
@@ -40,6 +41,8 @@ class Fleet(BaseModel):
     urls: list[str]
     ports: list[int] = Field(default_factory=lambda: [4222])
     cluster_ports: list[int] | None = None
+    leaf_port: int | None = Field(None, description="Where the hub's servers accept leaf node connections.")
+    leaf_urls: list[str] = Field(default_factory=list, description="Where leaf hosts reach the hub.")
     operator: str
     system: str
     account: str
@@ -116,9 +119,13 @@ def server_config(fleet: Fleet, *, port: int, store_dir: Path, cluster: list[int
         "jetstream {",
         f"  store_dir: {json.dumps(str(store_dir / 'jetstream'))}",
         "  sync_interval: 1s",
+        # The hub's domain: a leaf host's server has its own, and the hub reaches it as $JS.<domain>.API.
+        f"  domain: {HUB_DOMAIN}",
         "}",
         operator_block(fleet, store_dir / "jwt"),
     ]
+    if fleet.leaf_port:
+        lines.append(f'leafnodes {{ listen: "{host}:{fleet.leaf_port + index}" }}')
     if cluster:
         routes = ", ".join(f'"nats-route://{host}:{p}"' for i, p in enumerate(cluster) if i != index)
         lines += ["cluster {", f'  name: "{fleet.name}"', f'  listen: "{host}:{cluster[index]}"',
@@ -127,12 +134,15 @@ def server_config(fleet: Fleet, *, port: int, store_dir: Path, cluster: list[int
 
 
 def init(folder: Path, *, urls: list[str], name: str = "tuxpilot", prefix: str = "tuxpilot",
-         ports: list[int] | None = None, cluster_ports: list[int] | None = None) -> Fleet:
+         ports: list[int] | None = None, cluster_ports: list[int] | None = None, leaf_port: int | None = None,
+         leaf_urls: list[str] | None = None) -> Fleet:
     """Create the operator, the system and fleet accounts, the admin credentials and the server
-    config(s): `ports` one per server, `cluster_ports` (as many) for a cluster."""
+    config(s): `ports` one per server, `cluster_ports` (as many) for a cluster, `leaf_port` (the first
+    server's; the next ones follow) where leaf hosts connect."""
     if (folder / FLEET_FILE).exists():
         raise ConfigError(f"{folder / FLEET_FILE} exists: a fleet is already initialised there")
     fleet = Fleet(name=name, prefix=prefix, urls=urls, ports=ports or [4222], cluster_ports=cluster_ports,
+                  leaf_port=leaf_port, leaf_urls=leaf_urls or [],
                   operator=Key.new("operator").seed, system=Key.new("account").seed, account=Key.new("account").seed)
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     save(folder, fleet)
@@ -157,6 +167,17 @@ def write_server_configs(folder: Path, fleet: Fleet) -> None:
         _write_private(path, conf)
 
 
+class LeafTrust(BaseModel):
+    """What a leaf host's own server needs to run in the fleet's operator mode with no resolver to ask:
+    the operator's and both accounts' JWTs as they were at enrolment, and where the hub is."""
+
+    urls: list[str]
+    operator_jwt: str
+    system_account: str
+    system_jwt: str
+    account_jwt: str
+
+
 class Enrollment(BaseModel):
     """What a host needs to join (`hosts/<host>.json`, 0600): where the servers are, its labels, the
     fleet account, and its scoped signing keys, from which its agent mints every user it runs."""
@@ -167,19 +188,27 @@ class Enrollment(BaseModel):
     account: str = Field(description="The fleet account's public key (users' issuer_account).")
     labels: dict[str, str] = Field(default_factory=dict)
     keys: dict[str, str]
+    leaf: LeafTrust | None = Field(None, description="Set for a leaf host: what its own server needs.")
 
 
-def enroll(folder: Path, host: str, labels: dict[str, str]) -> tuple[Fleet, Path]:
+def enroll(folder: Path, host: str, labels: dict[str, str], *, leaf: bool = False) -> tuple[Fleet, Path]:
     fleet = load(folder)
     record = fleet.hosts.get(host)
     if record is None or record.revoked:  # a revoked host comes back only with new keys
         record = HostRecord(keys={role: Key.new("account").seed for role in scopes.ROLES})
+    for role in scopes.ROLES:  # a host enrolled before a role existed gets its key now
+        record.keys.setdefault(role, Key.new("account").seed)
+    if leaf and not (fleet.leaf_port and fleet.leaf_urls):
+        raise ConfigError("this fleet accepts no leaf nodes: `tuxpilot fleet init --leaf-port PORT` sets one")
     record.labels = labels or record.labels
+    record.leaf = leaf or record.leaf
     fleet.hosts[host] = record
     save(folder, fleet)
     write_server_configs(folder, fleet)
+    trust = LeafTrust(urls=fleet.leaf_urls, operator_jwt=fleet.operator_jwt(), system_account=Key(fleet.system).public,
+                      system_jwt=fleet.system_jwt(), account_jwt=fleet.account_jwt()) if record.leaf else None
     doc = Enrollment(host=host, prefix=fleet.prefix, urls=fleet.urls, account=Key(fleet.account).public,
-                     labels=record.labels, keys=record.keys)
+                     labels=record.labels, keys=record.keys, leaf=trust)
     path = folder / "hosts" / f"{host}.json"
     _write_private(path, doc.model_dump_json(indent=2))
     return fleet, path

@@ -10,9 +10,17 @@ from __future__ import annotations
 
 from tuxpilot.bus import auth
 from tuxpilot.bus.jwt import Scope
-from tuxpilot.protocol.names import Names, Subjects, fleet_bucket, inbox_prefix
+from tuxpilot.protocol.names import (
+    Names,
+    Subjects,
+    fleet_bucket,
+    inbox_prefix,
+    leaf_deliver,
+    leaf_domain,
+    leases_bucket,
+)
 
-ROLES = ("agent", "operator", "plugin")
+ROLES = ("agent", "operator", "plugin", "leaf")
 # Replaced by nats-server with each plugin user's name (the plugin's name) when the user connects.
 NAME = "{{name()}}"
 
@@ -29,6 +37,40 @@ def agent_permissions(subjects: Subjects) -> tuple[list[str], list[str]]:
     beat = f"$KV.{fleet_bucket(subjects)}.{subjects.host}"  # its own heartbeat key, no other host's
     publish = [*user.publish, *([private] if private not in user.publish else []), beat]
     return publish, [*user.subscribe, fleet_calls, fleet_control]
+
+
+def agent_denied(subjects: Subjects) -> list[str]:
+    """What the agent's `$JS.API.>` must not reach in streams every host shares: nothing that rewrites,
+    empties or deletes the audit trail or the lease bucket (a host could otherwise drop another's records
+    or leases), and the lease bucket is created by the fleet's administrator, not by a host (which could
+    create it allowing rollups, one of which purges every key)."""
+    audit, leases = Names.of(subjects).audit, f"KV_{leases_bucket(subjects)}"
+    verbs = ("UPDATE", "DELETE", "PURGE", "MSG.DELETE")
+    return [*(f"$JS.API.STREAM.{v}.{audit}" for v in verbs),
+            *(f"$JS.API.STREAM.{v}.{leases}" for v in (*verbs, "CREATE"))]
+
+
+def leaf_permissions(subjects: Subjects) -> tuple[list[str], list[str]]:
+    """The host's leaf node connection to the hub. On a leaf connection `publish` is what flows from the
+    host's leaf server into the hub and `subscribe` what flows from the hub down to it. Up: the copies of
+    its audit records the hub's audit stream sources (on its own delivery subject only), the answers to
+    the hub's consumer requests, its heartbeat. Down: the hub's requests to its JetStream domain about its
+    audit stream alone, and flow control. Nothing else: its records reach the hub only by sourcing (no
+    copy published twice), and no other host's traffic reaches it. Not calls from the hub either: its
+    answers would need the right to publish on the hub's reply inboxes (allow_responses does not cover a
+    leaf connection), with which it could answer in another host's name."""
+    h = subjects.host
+    api, audit = f"$JS.{leaf_domain(h)}.API", Names.of(subjects).audit
+    # `$JSC.R.>`: the answers to the hub's consumer requests (allow_responses does not cover a leaf
+    # connection). Another leaf host could answer one of those in this host's place, which stalls its source
+    # until the hub retries; it cannot put a record in the audit: that takes this host's delivery subject.
+    publish = [f"{leaf_deliver(subjects)}.>", "$JSC.R.>", f"$KV.{fleet_bucket(subjects)}.{h}"]
+    subscribe = [
+        f"{api}.CONSUMER.CREATE.{audit}", f"{api}.CONSUMER.CREATE.{audit}.>", f"{api}.CONSUMER.DELETE.{audit}.>",
+        f"{api}.CONSUMER.INFO.{audit}.>", f"{api}.STREAM.INFO.{audit}",
+        f"$JS.FC.{audit}.>", f"$JS.FC.{leaf_domain(h)}.>",
+    ]
+    return publish, subscribe
 
 
 def operator_permissions(subjects: Subjects) -> tuple[list[str], list[str]]:
@@ -71,9 +113,10 @@ def plugin_permissions(subjects: Subjects) -> tuple[list[str], list[str]]:
 
 def scope(role: str, subjects: Subjects, key: str) -> Scope:
     publish, subscribe = {"agent": agent_permissions, "operator": operator_permissions,
-                          "plugin": plugin_permissions}[role](subjects)
+                          "plugin": plugin_permissions, "leaf": leaf_permissions}[role](subjects)
     return Scope(key=key, role=f"{subjects.host}.{role}", publish=publish, subscribe=subscribe,
-                 allow_responses=role != "operator", description=f"host {subjects.host}: {role}")
+                 allow_responses=role != "operator", description=f"host {subjects.host}: {role}",
+                 deny_publish=tuple(agent_denied(subjects)) if role == "agent" else ())
 
 
 def user_name(role: str, subjects: Subjects, plugin: str | None = None) -> str:

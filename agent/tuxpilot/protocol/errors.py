@@ -35,6 +35,7 @@ GATE_STATUS_CODES: dict[str, int] = {
     "already_claimed": 409,
     "event_expired": 410,
     "cooldown": 429,
+    "fleet_limit": 429,
     "rate_limited": 429,
     "bad_reply": 502,
     "no_responders": 503,

@@ -7,7 +7,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from tuxpilot.protocol import schemas
 from tuxpilot.protocol.errors import ConfigError
@@ -64,6 +64,24 @@ class Dependency(Spec):
     kind: Literal["system", "python", "npm", "plugin"] | None = None
 
 
+class FleetLimit(Spec):
+    """At most `max` hosts, or `percent` % of the alive hosts, of one group run the action at once. The group:
+    the hosts with `labels` (a host policy names them), or those sharing this host's values of the labels in
+    `group_by` (a manifest cannot know a site's labels); neither: every host of the fleet."""
+
+    max: Annotated[int, Field(ge=1)] | None = None
+    percent: Annotated[float, Field(gt=0, le=100)] | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    group_by: list[str] = Field(default_factory=list)
+    lease_s: Annotated[float, Field(ge=1, le=86400)] | None = None
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> FleetLimit:
+        if (self.max is None) == (self.percent is None):
+            raise ValueError("a fleet limit sets exactly one of max and percent")
+        return self
+
+
 class ActionSpec(Spec):
     description: str = ""
     permission: Permission | None = None
@@ -72,6 +90,7 @@ class ActionSpec(Spec):
     timeout_s: Annotated[float, Field(gt=0, le=3600)] | None = None
     cooldown_s: Annotated[float, Field(ge=0)] | None = None
     dry_run: bool | None = None
+    fleet_limit: FleetLimit | None = None
 
 
 class Limits(Spec):

@@ -54,6 +54,7 @@ class Reason(StrEnum):
     permission_not_granted = "permission_not_granted"
     already_claimed = "already_claimed"
     cooldown = "cooldown"
+    fleet_limit = "fleet_limit"  # as many hosts of its group as its fleet limit allows run the action now
     dry_run_mode = "dry_run_mode"
     # execution
     no_responders = "no_responders"

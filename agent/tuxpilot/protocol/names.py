@@ -135,6 +135,39 @@ def fleet_bucket(subjects: Subjects) -> str:
     return f"{subjects.bucket_prefix}_fleet"
 
 
+def leases_bucket(subjects: Subjects) -> str:
+    """Fleet concurrency leases: one key per (limit, host), written only by that host's agent."""
+    return f"{subjects.bucket_prefix}_leases"
+
+
+def lease_key(limit: str, host: str) -> str:
+    """A host's lease under one fleet limit: `<limit>.<host>`, so a key template can keep a host on its own
+    keys (`<limit>` is one token: `lease_group`)."""
+    return f"{limit}.{host}"
+
+
+def lease_group(plugin: str, action: str, selector: dict[str, str]) -> str:
+    """One token naming a fleet limit: the action and the hosts it counts (their labels), hashed since label
+    values need not be key characters; every host configured alike computes the same one."""
+    labels = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+    digest = hashlib.sha256(f"{plugin}.{action}|{labels}".encode()).hexdigest()[:16]
+    return f"{plugin}_{action}_{digest}"
+
+
+# JetStream domains: the hub's (every server of the fleet's cluster) and each leaf host's own.
+HUB_DOMAIN = "hub"
+
+
+def leaf_domain(host: str) -> str:
+    return f"leaf-{host}"
+
+
+def leaf_deliver(subjects: Subjects, host: str | None = None) -> str:
+    """Where the hub's audit stream receives what it sources from a leaf host's audit: per host, so a leaf's
+    connection may publish only its own host's copies."""
+    return f"{subjects.prefix}.leafsrc.{host or subjects.host}"
+
+
 def plugin_consumer_name(plugin: str, host: str) -> str:
     """The durable consumer one plugin's replicas share on one host."""
     return f"{plugin}-{host}"
