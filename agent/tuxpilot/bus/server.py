@@ -54,6 +54,7 @@ class NatsServer:
         sync_interval: str | None = "1s",
         max_payload: int | None = None,
         extra_config: str = "",
+        domain: str | None = None,
     ):
         self.store_dir = Path(store_dir)
         self.host = host
@@ -61,6 +62,7 @@ class NatsServer:
         self.sync_interval = sync_interval
         self.max_payload = max_payload
         self.extra_config = extra_config
+        self.domain = domain  # its JetStream domain: a leaf node's own, or a hub's
         self.output: deque[str] = deque(maxlen=200)
         self._lines = 0  # lines ever read, so a reload can tell which lines came after its signal
         self._proc: subprocess.Popen[str] | None = None
@@ -79,6 +81,8 @@ class NatsServer:
         js = [f'store_dir: "{self.store_dir / "jetstream"}"']
         if self.sync_interval:
             js.append(f"sync_interval: {self.sync_interval}")
+        if self.domain:
+            js.append(f"domain: {self.domain}")
         lines = [f'listen: "{self.host}:{self.port}"', "jetstream {", *("  " + x for x in js), "}"]
         if self.max_payload:
             lines.append(f"max_payload: {self.max_payload}")

@@ -14,7 +14,7 @@ import typer
 
 from tuxpilot.agent.config import write_private
 from tuxpilot.cli.common import EXIT_UNAVAILABLE, EXIT_USAGE, add_row, config_of, err, fail, out, run_async, table
-from tuxpilot.fleet import admin, member
+from tuxpilot.fleet import admin, hub, leaf, member
 from tuxpilot.fleet.heartbeat import HostStatus, judge, open_heartbeats, read_beat
 from tuxpilot.protocol.errors import ConfigError
 from tuxpilot.protocol.names import Subjects
@@ -47,9 +47,26 @@ async def _push(folder: Path, fleet: admin.Fleet) -> bool:
     try:
         answer = await admin.push(nc, fleet)
         out.print(f"account updated on the servers ({answer.get('data', {}).get('message', 'ok')})")
-        return True
     finally:
         await nc.close()
+    await _prepare(folder, fleet)
+    return True
+
+
+async def _prepare(folder: Path, fleet: admin.Fleet) -> None:
+    """The hub's shared pieces that hosts may not make: the leases bucket, the audit's leaf sources."""
+    try:
+        nc = await nats.connect(fleet.urls, user_credentials=str(folder / "admin.creds"), allow_reconnect=False,
+                                max_reconnect_attempts=0, connect_timeout=3)
+        try:
+            leaves = await hub.prepare(nc, fleet)
+        finally:
+            await nc.close()
+    except (OSError, TimeoutError, nats.errors.Error) as exc:
+        err.print(f"the hub's leases bucket and audit sources were not updated ({type(exc).__name__}: {exc})")
+        return
+    if leaves:
+        out.print(f"the hub's audit sources the leaf host(s): {', '.join(leaves)}")
 
 
 @app.command()
@@ -61,13 +78,16 @@ def init(
     host: Annotated[str, typer.Option(help="Address the hosts reach the servers at.")] = "127.0.0.1",
     name: Annotated[str, typer.Option(help="The operator's and fleet account's name.")] = "tuxpilot",
     prefix: Annotated[str, typer.Option(help="Subject prefix of the fleet.")] = "tuxpilot",
+    leaf_port: Annotated[int, typer.Option(help="Where the servers accept leaf hosts' servers (0: none).")] = 0,
 ) -> None:
     """Create the operator, the fleet and system accounts, the server config(s) and admin credentials."""
     count = cluster or 1
     ports = [port + i for i in range(count)]
     try:
         admin.init(folder, urls=[f"nats://{host}:{p}" for p in ports], name=name, prefix=prefix, ports=ports,
-                   cluster_ports=[cluster_port + i for i in range(count)] if cluster else None)
+                   cluster_ports=[cluster_port + i for i in range(count)] if cluster else None,
+                   leaf_port=leaf_port or None,
+                   leaf_urls=[f"nats-leaf://{host}:{leaf_port + i}" for i in range(count)] if leaf_port else None)
     except ConfigError as exc:
         fail(exc.message, EXIT_USAGE)
     fleet = admin.load(folder)
@@ -81,12 +101,14 @@ def enroll(
     host: str,
     folder: FleetDir = Path("fleet"),
     label: Annotated[list[str] | None, typer.Option("--label", "-l", help="key=value, repeatable.")] = None,
+    leaf: Annotated[bool, typer.Option("--leaf", help="HOST runs a leaf server of its own (works cut off).")]
+    = False,
 ) -> None:
     """Give HOST its scoped signing keys and write its enrolment file; running servers learn it at once."""
     if subject_token(host) != host:
         fail(f"{host}: a host id is one subject token of [a-z0-9_-]", EXIT_USAGE)
     try:
-        fleet, path = admin.enroll(folder, host, _labels(label or []))
+        fleet, path = admin.enroll(folder, host, _labels(label or []), leaf=leaf)
     except ConfigError as exc:
         fail(exc.message, EXIT_USAGE)
     run_async(_push(folder, fleet))
@@ -111,6 +133,9 @@ def join(
     enrollment: Annotated[Path, typer.Argument(help="The host's enrolment file from `fleet enroll`.")],
     config_file: Annotated[Path | None, typer.Option("--write", help="Host config to write (default: the usual).")]
     = None,
+    leaf: Annotated[bool, typer.Option("--leaf", help="Write this host's leaf server config; the agent uses it.")]
+    = False,
+    leaf_listen: Annotated[int, typer.Option(help="Client port of the leaf server (with --leaf).")] = 4222,
 ) -> None:
     """Move this host into the fleet: keep its enrolment in the state dir, mint the agent's credential, and
     point the host config at the fleet's servers (no embedded server any more)."""
@@ -138,6 +163,10 @@ def join(
     document["state_dir"] = str(config.state_dir)
     nats_table = document.setdefault("nats", tomlkit.table())
     nats_table["url"] = ",".join(doc.urls)
+    if leaf:
+        leaf_conf = _write_leaf(config.state_dir, doc, leaf_listen)
+        nats_table["url"] = f"nats://127.0.0.1:{leaf_listen}"
+        out.print(f"wrote {leaf_conf}: run this host's leaf server with `nats-server -c {leaf_conf}`")
     nats_table["creds"] = str(creds)
     for stale in ("user", "password", "user_file", "token"):
         nats_table.pop(stale, None)
@@ -148,6 +177,16 @@ def join(
     write_private(target, tomlkit.dumps(document))
     out.print(f"wrote {target}: host {doc.host} joins the fleet at {', '.join(doc.urls)} as {creds.name}")
 
+
+
+def _write_leaf(state_dir: Path, doc: admin.Enrollment, port: int) -> Path:
+    if doc.leaf is None:
+        fail(f"{doc.host} was not enrolled as a leaf host: `tuxpilot fleet enroll {doc.host} --leaf` first", EXIT_USAGE)
+    leaf_creds = member.write_creds(state_dir, doc, "leaf")
+    path = state_dir / "fleet" / "leaf.conf"
+    text = leaf.leaf_config(doc, leaf_creds, store_dir=state_dir / "leaf" / "jetstream", port=port)
+    write_private(path, text)
+    return path
 
 
 @app.command()
