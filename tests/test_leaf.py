@@ -137,7 +137,7 @@ async def test_leaf_host_works_cut_off_and_its_audit_reaches_the_hub_once(
                 back = time.monotonic()
                 watcher = await connect(hub_server.url, folder / "admin.creds")
                 try:
-                    on_hub = await wait_records(watcher, HOST, len(cut_off), 90)
+                    on_hub = await wait_records(watcher, HOST, len(cut_off), 150)
                     caught_up = time.monotonic() - back
                     await asyncio.sleep(2.0)  # let a duplicate show itself
                     on_hub = await records(watcher, HOST)
