@@ -80,6 +80,7 @@ class ApprovalStore:
 
     def __init__(self, nc: Client, subjects: Subjects, keep_s: float = 7 * 24 * 3600.0, replicas: int = 1):
         self.nc, self.subjects, self.keep_s, self.replicas = nc, subjects, keep_s, replicas
+        self.next_expiry: datetime | None = None  # the earliest of those the last sweep left pending
         self.kv: KeyValue | None = None
 
     async def start(self) -> None:
@@ -172,8 +173,11 @@ class ApprovalStore:
         """Expire the pending approvals past their time; returns those this call expired."""
         at = at or now()
         expired = []
+        self.next_expiry = None
         for approval in await self.pending():
             if not approval.expired_at(at):
+                if self.next_expiry is None or approval.expires_at < self.next_expiry:
+                    self.next_expiry = approval.expires_at
                 continue
             try:
                 current, revision = await self.get(approval.id)
