@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nats
+import psutil
 import pytest
 from tuxpilot.pdk import keys, package
 from tuxpilot.protocol.launch import CredentialFile
@@ -66,6 +67,17 @@ def wait(what: str, check: Callable[[], bool], limit: float = 40) -> None:
         time.sleep(0.3)
 
 
+def running_from(pid: int, folder: str) -> bool:
+    """Whether a process under `pid` names `folder` on its command line."""
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if folder in " ".join(child.cmdline()):
+                return True
+        except psutil.Error:  # gone meanwhile
+            continue
+    return False
+
+
 def traces(up: Up) -> dict[str, bool]:
     """What the agent keeps of hello on the bus: its registry entry, durable consumer, plugin state."""
     status = json.loads(up.cli("status", "--json").stdout)
@@ -74,9 +86,9 @@ def traces(up: Up) -> dict[str, bool]:
             "state": f"{HOST}.hello" in status["plugin_states"]}
 
 
-def hello(tmp: Path, version: str, *, crash: bool = False) -> Path:
+def hello(tmp: Path, version: str, *, crash: bool = False, slow: bool = False) -> Path:
     """hello at `version`, asking for system_access (dangerous) for its `shout` action; `crash`: it dies at
-    start-up, as a broken release would."""
+    start-up, as a broken release would; `slow`: it takes a minute to start."""
     folder = tmp / f"src-{version}"
     shutil.copytree(HELLO, folder)
     manifest = folder / "plugin.toml"
@@ -92,6 +104,9 @@ def hello(tmp: Path, version: str, *, crash: bool = False) -> Path:
                         '    return {"shouted": True}\n\n\nif __name__ == "__main__":')
     if crash:
         code = code.replace("plugin = Plugin.here(__file__)", 'raise SystemExit("broken release")')
+    if slow:
+        start = "plugin = Plugin.here(__file__)"
+        code = code.replace(start, f"import time\ntime.sleep(60)\n{start}")
     (folder / "plugin.py").write_text(code)
     return folder
 
@@ -224,9 +239,18 @@ def test_the_agent_refuses_what_it_should(up: Up, signer: keys.Signer, tmp_path:
     assert code == 0, reply
     assert "system_access" not in up.conf.read_text()
 
-    # An installed plugin starts with the agent, as installed, without a run_plugins entry.
-    up.proc.send_signal(signal.SIGTERM)
-    assert up.proc.wait(timeout=30) == 0
+    # The agent killed in the middle of an update (the new version still starting): restarted, it runs the
+    # version installed before, which starts with it without a run_plugins entry.
+    slow = package.build(hello(tmp_path, "0.1.3", slow=True), out, signer)
+    updating = subprocess.Popen([tuxpilot_exe(), "plugin", "update", str(slow)], env=up.env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait("0.1.3 starting", lambda: running_from(up.proc.pid, "/hello/0.1.3"))
+        up.proc.kill()
+        up.proc.wait(timeout=30)
+    finally:
+        updating.kill()
+        updating.wait()
     restarted = Up(tmp_path, up.conf)
     try:
         wait("hello after the restart", lambda: restarted.call("greet")[0] == 0)
