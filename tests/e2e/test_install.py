@@ -315,6 +315,24 @@ async def test_fleet_install_through_each_targeted_hosts_agent(tmp_path: Path) -
         finally:
             await admin_nc.close()
 
+        # The admin publishes 0.2.0 to the fleet's registry; each web host's agent fetches it by name.
+        v2 = package.build(hello(tmp_path, "0.2.0"), out, publisher)
+        published = await asyncio.to_thread(
+            subprocess.run, [tuxpilot_exe(), "plugin", "publish", str(v2)], capture_output=True, text=True, env=env,
+            timeout=60)
+        assert published.returncode == 0, published.stdout + published.stderr
+        done = await asyncio.to_thread(
+            subprocess.run, [tuxpilot_exe(), "plugin", "update", "hello", "--hosts", "web-*", "--fleet-dir",
+                             str(fleet_dir), "--timeout", "90"], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0 and "2 of 2 targeted host(s) answered" in done.stdout, done.stdout + done.stderr
+        admin_nc = await nats.connect(server.url, user_credentials=str(fleet_dir / "admin.creds"))
+        try:
+            for host in ("web-1", "web-2"):
+                reply = await admin_nc.request(f"tuxpilot.act.{host}.hello.greet", b"{}", timeout=10)
+                assert json.loads(reply.data)["data"]["version"] == "0.2.0", reply.data
+        finally:
+            await admin_nc.close()
+
         # A host's own operator may ask its own agent, not every agent of the fleet: the server refuses.
         from tuxpilot.fleet import member, scopes
         from tuxpilot.protocol.names import Subjects
