@@ -88,8 +88,8 @@ def _fleet_call(config: Config, subjects: Subjects, plugin: str, action: str, pa
         targets = Targets.parse(hosts, ",".join(labels))
     except TuxPilotError as exc:
         fail(exc.message, EXIT_USAGE)
-    roster = _roster(fleet_dir)
-    expected = None if roster is None else {h for h, lab in roster.items() if targets.match(h, lab)}
+    enrolled = roster(fleet_dir)
+    expected = None if enrolled is None else {h for h, lab in enrolled.items() if targets.match(h, lab)}
 
     async def main() -> int:
         nc = await connect(config)
@@ -116,7 +116,7 @@ def _fleet_call(config: Config, subjects: Subjects, plugin: str, action: str, pa
     raise typer.Exit(run_async(main()))
 
 
-def _roster(fleet_dir: Path | None) -> dict[str, dict[str, str]] | None:
+def roster(fleet_dir: Path | None) -> dict[str, dict[str, str]] | None:
     """Enrolled, unrevoked hosts and their labels, from the fleet's folder when it is at hand."""
     folder = fleet_dir or Path("fleet")
     if not (folder / admin.FLEET_FILE).is_file():

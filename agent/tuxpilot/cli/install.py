@@ -13,7 +13,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
 from tuxpilot.agent.config import Config
-from tuxpilot.cli.call import _roster
+from tuxpilot.cli.call import roster
 from tuxpilot.cli.common import (
     EXIT_FAILED,
     EXIT_TIMEOUT,
@@ -163,8 +163,8 @@ def _fleet(config: Config, verb: str, body: bytes, timeout: float, hosts: str | 
         targets = Targets.parse(hosts, ",".join(labels))
     except TuxPilotError as exc:
         fail(exc.message, EXIT_USAGE)
-    roster = _roster(fleet_dir)
-    expected = None if roster is None else {h for h, lab in roster.items() if targets.match(h, lab)}
+    enrolled = roster(fleet_dir)
+    expected = None if enrolled is None else {h for h, lab in enrolled.items() if targets.match(h, lab)}
 
     async def main() -> list[HostReply]:
         nc = await connect(config)
