@@ -255,6 +255,13 @@ def test_the_agent_refuses_what_it_should(up: Up, signer: keys.Signer, tmp_path:
     try:
         wait("hello after the restart", lambda: restarted.call("greet")[0] == 0)
         assert restarted.call("greet")[1]["data"]["version"] == "0.1.2"
+
+        # The host config allows unsigned packages from now on (read live): one installs, marked UNSIGNED.
+        with up.conf.open("a") as conf:
+            conf.write("\n[marketplace]\nallow_unsigned = true\n")
+        wait("the config reloaded", lambda: "config.reloaded" in restarted.output())
+        done = restarted.cli("plugin", "update", str(package.build(hello(tmp_path, "0.1.4"), out, None)))
+        assert done.returncode == 0 and "updated hello 0.1.4 (was 0.1.2): UNSIGNED" in done.stdout, done.stderr
     finally:
         restarted.proc.send_signal(signal.SIGTERM)
         restarted.proc.wait(timeout=30)

@@ -346,6 +346,7 @@ class Agent:
             return
         self.config.plugins = fresh.plugins
         self.config.gate = fresh.gate
+        self.config.marketplace = fresh.marketplace  # what the next install accepts (unsigned or not)
         if self.automation is not None:
             self.automation.reload(fresh)
         log.info("config.reloaded", path=str(path), plugins={n: p.permissions for n, p in fresh.plugins.items()})
