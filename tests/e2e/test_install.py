@@ -262,6 +262,9 @@ def test_the_agent_refuses_what_it_should(up: Up, signer: keys.Signer, tmp_path:
         wait("the config reloaded", lambda: "config.reloaded" in restarted.output())
         done = restarted.cli("plugin", "update", str(package.build(hello(tmp_path, "0.1.4"), out, None)))
         assert done.returncode == 0 and "updated hello 0.1.4 (was 0.1.2): UNSIGNED" in done.stdout, done.stderr
+        stranger = package.build(hello(tmp_path, "0.1.5"), out, keys.Signer.generate("mallory"))
+        done = restarted.cli("plugin", "update", str(stranger))
+        assert done.returncode == 0 and "(NOT a trusted key)" in done.stdout, done.stdout + done.stderr
     finally:
         restarted.proc.send_signal(signal.SIGTERM)
         restarted.proc.wait(timeout=30)

@@ -31,6 +31,7 @@ class Record:
     publisher: str | None  # the signing key's id
     source: str  # "file", or the registry it came from
     installed_at: str
+    trusted: bool = True  # signed by a key of the host's trust store (else allowed by marketplace.allow_unsigned)
 
     def folder(self, state_dir: Path) -> Path:
         return version_dir(state_dir, self.name, self.version)

@@ -4,12 +4,12 @@ fan-out `P.fleet.agent.<verb>`, which only the fleet's admin may send).
 
 The agent takes nothing on the requester's word. It verifies the package itself against the host's trusted
 publisher keys (never the CLI's verification), checks its `api_version` and dependencies, unpacks it into
-`<state dir>/installed/<name>/<version>`, installs its JavaScript dependencies or compiles its WebAssembly
-module, then runs it like any local plugin (its own NATS user, durable consumer and registry entry) without
+`<state dir>/installed/<name>/<version>`, installs its JavaScript dependencies or has wasmtime check its
+WebAssembly module, then runs it like any local plugin (its own NATS user, durable consumer and registry entry) without
 a restart. A dangerous permission the manifest asks for is granted only when the request names it. The new
 plugin must come up healthy: its micro service answers `$SRV.PING.<name>` with the new version within the
 deadline. An install that does not is undone; an update is rolled back to the old version's files, user
-and consumer (whose position is kept), and the old version runs again.
+and consumer (back where the old version left it), and the old version runs again.
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("tuxpilot.installer")
 
 INSTALL, UPDATE, REMOVE = "install", "update", "remove"
-VERBS = (INSTALL, UPDATE, REMOVE)
 HEALTH_POLL_S = 0.3
 TOKEN = re.compile(r"^[a-z0-9_-]{1,64}$")
 VERSION = re.compile(SEMVER)
@@ -312,12 +311,13 @@ class Installer(Part):
         record = installed.Record(
             name=name, version=manifest.version, sha256=verified.sha256, signed=verified.signed,
             publisher=verified.publisher, source=source, installed_at=datetime.now(UTC).isoformat(),
+            trusted=verified.trusted,
         )
         return Staged(folder, manifest, record)
 
     async def _prepare(self, folder: Path, manifest: Manifest) -> None:
-        """Its JavaScript dependencies installed from its lockfile (no install scripts), its WebAssembly module
-        compiled; then whatever its runtime still lacks here refuses the install."""
+        """Its JavaScript dependencies installed from its lockfile (no install scripts); then whatever its runtime
+        still lacks here (a WebAssembly module wasmtime refuses, say) refuses the install."""
         runtime = runtime_of(manifest)
         await runtime.prepare(folder, manifest, log.bind(plugin=manifest.name))
         lacking = await asyncio.to_thread(runtime.missing, folder, manifest, plugin_path())
@@ -382,6 +382,7 @@ class Installer(Part):
         return {
             "plugin": manifest.name, "version": manifest.version, "previous": previous,
             "folder": str(staged.folder), "sha256": staged.record.sha256, "signed": staged.record.signed,
+            "trusted": staged.record.trusted,
             "publisher": staged.record.publisher, "source": staged.record.source,
             "permissions": [p.value for p in manifest.permissions], "dangerous": dangerous,
             "granted": granted, "not_granted": [p for p in dangerous if p not in granted],

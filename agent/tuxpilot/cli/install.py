@@ -145,7 +145,9 @@ def describe(verb: str, doc: dict[str, Any]) -> list[str]:
     if verb == "remove":
         return [f"removed {name} {version}: its process, files, credentials, consumer, registry entry and grants"]
     previous = f" (was {doc['previous']})" if doc.get("previous") else ""
-    signer = f"signed by key {doc['publisher']}" if doc.get("signed") else "UNSIGNED"
+    signer = "UNSIGNED"
+    if doc.get("signed"):
+        signer = f"signed by key {doc['publisher']}" + ("" if doc.get("trusted", True) else " (NOT a trusted key)")
     done = {"install": "installed", "update": "updated"}[verb]
     lines = [f"{done} {name} {version}{previous}: {signer}, sha256 {str(doc.get('sha256'))[:16]}…, "
              f"from {doc.get('source')}; running and healthy"]
