@@ -55,6 +55,7 @@ class NatsServer:
         max_payload: int | None = None,
         extra_config: str = "",
         domain: str | None = None,
+        netns: str | None = None,
     ):
         self.store_dir = Path(store_dir)
         self.host = host
@@ -63,6 +64,7 @@ class NatsServer:
         self.max_payload = max_payload
         self.extra_config = extra_config
         self.domain = domain  # its JetStream domain: a leaf node's own, or a hub's
+        self.netns = netns  # run inside this network namespace (`ip netns exec`): another host's network
         self.output: deque[str] = deque(maxlen=200)
         self._lines = 0  # lines ever read, so a reload can tell which lines came after its signal
         self._proc: subprocess.Popen[str] | None = None
@@ -95,8 +97,9 @@ class NatsServer:
         conf.write_text(self.config_text())
         self._halted = False
         self._ready.clear()
+        wrap = ["ip", "netns", "exec", self.netns] if self.netns else []
         self._proc = subprocess.Popen(
-            [server_binary(), "-c", str(conf)],
+            [*wrap, server_binary(), "-c", str(conf)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
