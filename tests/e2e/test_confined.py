@@ -163,6 +163,26 @@ def test_up_as_root_runs_the_plugin_as_the_plugin_user_end_to_end(up: Callable[[
             ["/bin/cat", str(secret)], user=SYSMON_USER, capture_output=True, timeout=30, check=False
         )
         assert probe.returncode != 0 and b"Permission denied" in probe.stderr
+
+    # A plugin installed from a package runs under its own user too, and cannot change its own code.
+    from tuxpilot.pdk import keys, package
+
+    publisher = keys.Signer.generate("acme")
+    keys.TrustStore(host.state / "keys" / "trusted").trust(publisher.public)
+    dist = open_dir("tuxpilot-confined-dist-")
+    try:
+        built = package.build(TEST_PLUGINS / "hello", dist, publisher)
+        done = host.cli("plugin", "install", str(built))
+        assert done.returncode == 0, done.stdout + done.stderr
+    finally:
+        shutil.rmtree(dist, ignore_errors=True)
+    assert host.instance("hello")["user"] == "tuxpilot-p-hello"
+    greeted = host.cli("call", HOST, "hello", "greet", "{}")
+    assert greeted.returncode == 0, greeted.stdout + greeted.stderr
+    code = host.state / "installed" / "hello" / "0.1.0" / "plugin.py"
+    probe = subprocess.run(["/bin/sh", "-c", f"echo x >> {code}"], user="tuxpilot-p-hello", capture_output=True,
+                           timeout=30, check=False)
+    assert probe.returncode != 0 and b"Permission denied" in probe.stderr
     log = host.stop()
     assert "plugin.unconfined" not in log, log[-2000:]
 
