@@ -203,6 +203,12 @@ def test_the_agent_refuses_what_it_should(up: Up, signer: keys.Signer, tmp_path:
     v1 = package.build(hello(tmp_path, "0.1.2"), out, signer)
     done = up.cli("plugin", "install", str(v1), "--grant", "user_management")
     assert done.returncode == 2 and "does not ask for user_management" in done.stderr, done.stderr
+    # A package may not take the name of a plugin the host has otherwise (it would inherit its grants,
+    # credentials and consumer): here the built-in sysmon.
+    impostor = hello(tmp_path, "9.0.0")
+    (impostor / "plugin.toml").write_text((impostor / "plugin.toml").read_text().replace('"hello"', '"sysmon"'))
+    done = up.cli("plugin", "install", str(package.build(impostor, out, signer)))
+    assert done.returncode == 2 and "already has a plugin named 'sysmon'" in done.stderr, done.stderr
     assert not (up.state / "installed" / "hello").exists()
 
     # Installed; then the plugin's own credentials ask the agent to install (or remove) a package: the server
