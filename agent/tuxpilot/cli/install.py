@@ -62,7 +62,7 @@ def package_request(what: str, grant: list[str], registry: str | None) -> dict[s
 
 def plugin_install(
     ctx: typer.Context,
-    package: Annotated[str, typer.Argument(help="NAME[@VERSION] from a registry, or a package FILE.")],
+    package: Annotated[str, typer.Argument(help="NAME or NAME@VERSION from a registry, or a package FILE.")],
     grant: Grant = None, registry: Registry = None, timeout: Timeout = DEFAULT_TIMEOUT_S,
     hosts: Hosts = None, label: Labels = None, all_hosts: AllHosts = False, fleet_dir: FleetDir = None,
     as_json: AsJson = False,
@@ -75,7 +75,7 @@ def plugin_install(
 
 def plugin_update(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="NAME (the newest compatible version), NAME@VERSION, or a FILE.")],
+    name: Annotated[str, typer.Argument(help="NAME (its newest version this host runs), NAME@VERSION, or a FILE.")],
     grant: Grant = None, registry: Registry = None, timeout: Timeout = DEFAULT_TIMEOUT_S,
     hosts: Hosts = None, label: Labels = None, all_hosts: AllHosts = False, fleet_dir: FleetDir = None,
     as_json: AsJson = False,
