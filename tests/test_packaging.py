@@ -1,4 +1,5 @@
-"""A non-editable wheel carries the schemas and built-in plugins: built, installed into a fresh venv, run."""
+"""A non-editable wheel carries the schemas, built-in plugins and the development kit's templates: built,
+installed into a fresh venv, run."""
 
 from __future__ import annotations
 
@@ -50,3 +51,24 @@ def test_wheel_installs_and_finds_its_schemas_and_plugins(tmp_path: Path, wheel:
         timeout=60,
     )
     assert server.returncode == 0 and server.stdout.strip().startswith(str(env_dir)), server
+    _scaffolds_and_checks_plugins(exe, tmp_path)
+
+
+def _scaffolds_and_checks_plugins(exe: str, tmp_path: Path) -> None:
+    """The development kit's templates, the JS SDK copy and the C guest header come from the wheel, and
+    `plugin test` checks a plugin on an embedded server from there (its own tests need pytest, which a
+    plain install has not: --no-own)."""
+    import shutil
+
+    runtimes = ["python", "wasm"] + (["javascript"] if shutil.which("npm") else [])
+    for runtime in runtimes:
+        made = subprocess.run([exe, "plugin", "new", f"p-{runtime}", "--runtime", runtime], capture_output=True,
+                              text=True, cwd=tmp_path, timeout=120)
+        assert made.returncode == 0, made.stderr
+    assert (tmp_path / "p-wasm" / "include" / "tuxpilot_guest.h").is_file()
+    if "javascript" in runtimes:
+        assert (tmp_path / "p-javascript" / "sdk" / "src" / "plugin.js").is_file()
+        assert (tmp_path / "p-javascript" / "package-lock.json").is_file()
+    tested = subprocess.run([exe, "plugin", "test", "p-python", "--no-own"], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=300)
+    assert tested.returncode == 0 and "p-python: 15 of 15 checks passed" in tested.stdout, tested.stdout + tested.stderr

@@ -117,7 +117,10 @@ def own_tests(folder: Path, *, echo: Callable[[str], None] | None = None) -> Own
     else:
         result.note = f"runtime {manifest.runtime}: no convention for its own tests"
     for argv, step_env in steps:
-        shown = " ".join(Path(argv[0]).name if i == 0 else a for i, a in enumerate(argv))
+        # As a person would type it in the folder: the program's name, no plumbing flags or paths.
+        shown = " ".join(a for a in [Path(argv[0]).name, *argv[1:]]
+                         if not a.startswith(("--rootdir", "-W", "ignore::", "no:", "-p", "--silent"))
+                         and a != str(folder)).replace(str(folder) + "/", "")
         result.ran.append(shown)
         if echo is not None:
             echo(f"$ {shown}")

@@ -23,7 +23,7 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerInfo
 
 from tuxpilot.protocol import launch
-from tuxpilot.protocol.errors import TuxPilotError
+from tuxpilot.protocol.errors import ConfigError, TuxPilotError
 from tuxpilot.protocol.manifest import Manifest
 from tuxpilot.protocol.manifest import load as load_manifest
 from tuxpilot.protocol.models import Event, new_id
@@ -184,6 +184,12 @@ async def embedded(
         config = load_config(environ=environment(folder, state, host=host, dry_run=dry_run, ack_wait_s=ack_wait_s,
                                                   backoff_s=backoff_s, run=run, extra=extra))
         subjects = Subjects.of(config)
+        if run:
+            from tuxpilot.agent.app import host_plugins
+
+            found = host_plugins(config).plugins.get(manifest.name)
+            if found is not None and found.problem is not None:  # the agent would not start it: say why now
+                raise ConfigError(f"{manifest.name} cannot run on this host: {found.problem}")
         agent = Agent(config)
         await agent.start()
         gate = operator = None
