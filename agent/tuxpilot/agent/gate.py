@@ -206,7 +206,7 @@ class Gate(Part):
         """Bind the host's durable proposals consumer and serve the public action endpoints."""
         js = self.nc.jetstream()
         await ensure_streams(js, self.subjects, self.config.streams, update=False)
-        await self.ledger.start()
+        await self.ledger.start()  # before the records: they are stored through its publisher
         await self.executor.start()
         self.consumer = Durable(
             js,
@@ -248,6 +248,7 @@ class Gate(Part):
         for window in self.rates.flush():
             await self._record_rate_summary(window)
         await self.executor.stop()
+        await self.ledger.stop()
 
     # -- proposals -----------------------------------------------------------------------------------
 
@@ -571,7 +572,7 @@ class Gate(Part):
         headers = {MSG_ID_HEADER: msg_id} if result.id else None
         for attempt in range(RECORD_ATTEMPTS):
             try:
-                await self.nc.jetstream().publish(subject, body, headers=headers, timeout=2.0)
+                await self.ledger.stored.publish(subject, body, headers, wait_s=2.0)
                 return
             except Exception as exc:
                 log.warning("gate.record_retry", plugin=plugin, action=action, attempt=attempt, error=str(exc)[:200])

@@ -23,9 +23,11 @@ from typing import Any
 
 import structlog
 from nats.aio.client import Client
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.api import Header
+from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from tuxpilot.bus.stored import Publisher
 from tuxpilot.bus.streams import bounded_bucket
 from tuxpilot.protocol.models import new_id
 from tuxpilot.protocol.names import Names, Subjects, cooldown_key
@@ -39,6 +41,8 @@ KV_TIMEOUT_S = 2.0
 
 # Claims this process made, remembered to tell "my create's ack was lost" from "someone else's".
 _REMEMBERED_CLAIMS = 100_000
+# The server's "wrong last sequence" refusals (JSStreamWrongLastSequenceErrF, …ConstantErr): the key exists.
+_WRONG_LAST_SEQUENCE = (10071, 10164)
 
 
 class Ledger:
@@ -51,8 +55,10 @@ class Ledger:
         self.names = Names.of(subjects)
         self.executions: KeyValue | None = None
         self.cooldowns: KeyValue | None = None
+        self.stored = Publisher(nc)
 
     async def start(self) -> None:
+        await self.stored.start()
         js, cfg = self.nc.jetstream(), self.cfg
         self.executions = await bounded_bucket(
             js, self.names.executions, max_age=cfg.executions_ttl_s, max_bytes=cfg.executions_max_bytes,
@@ -68,7 +74,7 @@ class Ledger:
         assert self.executions is not None
         record = {"state": "started", "at": time.time(), "host": self.subjects.host, "instance": self.instance}
         try:
-            await self.executions.create(action_id, json.dumps(record).encode())
+            await self._create(action_id, json.dumps(record).encode())
         except KeyWrongLastSequenceError:
             try:
                 entry = await self.executions.get(action_id)
@@ -82,6 +88,21 @@ class Ledger:
         if len(self._claimed) > _REMEMBERED_CLAIMS:
             self._claimed.popitem(last=False)
         return None
+
+    async def stop(self) -> None:
+        await self.stored.stop()
+
+    async def _create(self, action_id: str, value: bytes) -> None:
+        """KV create as one stored publish that expects no earlier value; when there is one, nats-py's
+        `create` decides (it also recreates a key whose last value is a delete marker)."""
+        assert self.executions is not None
+        try:
+            await self.stored.publish(f"$KV.{self.names.executions}.{action_id}", value,
+                                      headers={Header.EXPECTED_LAST_SUBJECT_SEQUENCE: "0"})
+        except APIError as exc:
+            if exc.err_code not in _WRONG_LAST_SEQUENCE:
+                raise
+            await self.executions.create(action_id, value)  # KeyWrongLastSequenceError: claimed before
 
     async def cooldown_since(self, key: str) -> float | None:
         """When the action of cooldown `key` last ran on this host (wall clock), if its cooldown is still kept."""

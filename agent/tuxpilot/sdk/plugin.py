@@ -46,6 +46,7 @@ from nats.micro.service import EndpointStats, Service
 from tuxpilot.bus import connect as bus
 from tuxpilot.bus import streams
 from tuxpilot.bus.consumer import Durable, redelivery_delay
+from tuxpilot.bus.stored import Publisher
 from tuxpilot.protocol import launch, schemas
 from tuxpilot.protocol.errors import (
     ConfigError,
@@ -323,6 +324,7 @@ class _Running:
     slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(64))
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     consumer: Durable | None = None
+    stored: Publisher | None = None  # stores the proposals, once events are consumed
     counts: dict[str, dict[str, float]] = field(default_factory=dict)
     # By action id: the action it ran, and its reply (or the run still under way).
     replies: OrderedDict[str, tuple[str, asyncio.Future[tuple[bytes, dict[str, str] | None]]]] = field(
@@ -375,6 +377,8 @@ class _Running:
             # One durable consumer per plugin and host, shared by its replicas: each event is
             # handled once per plugin, acked only after the proposal is stored.
             js = self.nc.jetstream()
+            self.stored = Publisher(self.nc)
+            await self.stored.start()
             if not await streams.have_streams(js, self.subjects):  # no agent yet: create them
                 await streams.ensure_streams(js, self.subjects, self.config.streams, update=False)
             self.consumer = streams.plugin_consumer(
@@ -390,6 +394,8 @@ class _Running:
     async def stop(self) -> None:
         if self.consumer is not None:
             await self.consumer.stop()
+        if self.stored is not None:
+            await self.stored.stop()
         if self.service is not None:
             with contextlib.suppress(Exception):
                 await self.service.stop()
@@ -441,7 +447,8 @@ class _Running:
         proposal = await self.plugin.propose_for(event, ctx)
         if proposal is None:
             return None
-        await self.nc.jetstream().publish(
+        assert self.stored is not None  # made with the events consumer
+        await self.stored.publish(
             self.subjects.proposal(self.plugin.name), proposal.to_json(), headers={MSG_ID_HEADER: proposal.id}
         )
         ctx.log.debug("plugin.proposed", actions=[a.action for a in proposal.actions], proposal_id=proposal.id)
