@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
@@ -60,6 +61,12 @@ def package_request(what: str, grant: list[str], registry: str | None) -> dict[s
     return doc
 
 
+def fits(nc: Client, body: bytes) -> None:
+    if len(body) > nc.max_payload:
+        fail(f"the request ({len(body)} bytes) is larger than the server's max_payload ({nc.max_payload} bytes): "
+             "publish the package to a registry (`tuxpilot plugin publish`) and install it by name", EXIT_USAGE)
+
+
 def plugin_install(
     ctx: typer.Context,
     package: Annotated[str, typer.Argument(help="NAME or NAME@VERSION from a registry, or a package FILE.")],
@@ -108,9 +115,7 @@ def _send(ctx: typer.Context, verb: str, request: dict[str, Any], timeout: float
     async def main() -> dict[str, Any]:
         nc = await connect(config)  # as the operator, who alone may ask the agent
         try:
-            if len(body) > nc.max_payload:
-                fail(f"the package is larger than the server's max_payload ({nc.max_payload} bytes): publish it to "
-                     "a registry (`tuxpilot plugin publish`) and install it by name", EXIT_USAGE)
+            fits(nc, body)
             msg = await nc.request(Subjects.of(config).agent_control(verb), body, timeout=timeout)
         except NoRespondersError:
             fail(f"no agent for host {config.host_id} answers: is `tuxpilot up` (or `tuxpilot agent`) running?",
@@ -171,6 +176,7 @@ def _fleet(config: Config, verb: str, body: bytes, timeout: float, hosts: str | 
     async def main() -> list[HostReply]:
         nc = await connect(config)
         try:
+            fits(nc, body)
             return await gather_on(nc, Subjects.of(config).fleet_agent(verb), body, targets, deadline_s=timeout,
                                    expected=expected)
         finally:
