@@ -118,12 +118,21 @@ async def test_the_check_names_what_a_broken_plugin_does_wrong(tmp_path: Path) -
 
 # Version 2 of a scaffolded plugin: greets "db" differently and says nothing about "quiet".
 V2_HANDLER = '''
+@plugin.action("shadowed")
+def shadowed(params: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    # Shadow mode must never run an action: this one leaves a mark if it does.
+    (Path(__file__).parent / "executed").write_text(ctx.action_id or "")
+    return {}
+
+
 @plugin.on("memory.high")
 async def on_event(event: Event, ctx: Context) -> list[ProposedAction]:
     name = event.resource or event.host
     if name == "quiet":
         return []
-    return [ctx.propose("hello", {"name": "database" if name == "db" else name}, reason="v2")]
+    if name == "db":
+        return [ctx.propose("hello", {"name": "database"}, reason="v2"), ctx.propose("shadowed", {})]
+    return [ctx.propose("hello", {"name": name}, reason="v2")]
 '''
 
 
@@ -132,8 +141,11 @@ def _version_2(folder: Path) -> None:
     start = code.index('@plugin.on("memory.high")')
     end = code.index('@plugin.action("hello")')
     (folder / "plugin.py").write_text(code[:start] + V2_HANDLER.lstrip() + "\n\n" + code[end:])
+    code = (folder / "plugin.py").read_text()
+    imports = "from pathlib import Path\nfrom typing import Any"
+    (folder / "plugin.py").write_text(code.replace("from typing import Any", imports))
     manifest = (folder / "plugin.toml").read_text().replace('version = "0.1.0"', 'version = "0.2.0"')
-    (folder / "plugin.toml").write_text(manifest)
+    (folder / "plugin.toml").write_text(manifest + '\n[actions.shadowed]\ndescription = "Marks that it ran."\n')
 
 
 @pytest.mark.slow
@@ -170,9 +182,10 @@ async def test_replay_shows_what_a_new_version_would_propose_against_the_fleets_
         result = await replay.replay(fleet.operator, fleet.subjects, v2, audit.parse_since("1h"))
         kinds = {d.event.resource: d.kind for d in result.diffs}
         assert kinds == {"web": "same", "db": "changed", "quiet": "gone", "cache": "same"}
+        assert not (v2 / "executed").exists()  # proposed in shadow mode, never executed
         [db] = [d for d in result.diffs if d.event.resource == "db"]
         assert [(p.action, p.params, p.decided) for p in db.before] == [("hello", {"name": "db"}, "ok")]
-        assert [(p.action, p.params) for p in db.after] == [("hello", {"name": "database"})]
+        assert [(p.action, p.params) for p in db.after] == [("hello", {"name": "database"}), ("shadowed", {})]
         lines = replay.render(result)
         assert "memory.high: 4 events: 2 same, 1 changed, 1 gone" in lines
         assert any(line.startswith("  ~ ") and 'was hello {"name":"db"} (ok); now hello {"name":"database"}' in line

@@ -32,7 +32,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from tuxpilot.pdk.embedded import Embedded, embedded
 from tuxpilot.protocol import schemas
 from tuxpilot.protocol.errors import ConfigError
-from tuxpilot.protocol.manifest import Manifest
+from tuxpilot.protocol.manifest import DANGEROUS, Manifest
 from tuxpilot.protocol.manifest import load as load_manifest
 from tuxpilot.protocol.models import Event
 from tuxpilot.protocol.names import MSG_ID_HEADER, proposal_id, registry_key
@@ -163,8 +163,8 @@ def _importable(module: str) -> bool:
 async def check(folder: Path, *, call_permitted: bool = False, verbose: bool = False) -> Report:
     """Start the plugin on an embedded server and agent, and check it against its manifest.
 
-    An action that needs a permission (it may change the host) is sent only requests that are refused
-    before its handler runs, unless `call_permitted`."""
+    An action that needs a dangerous permission (it may change the host) is sent only requests that are
+    refused before its handler runs, unless `call_permitted`."""
     manifest = load_manifest(folder)
     report = Report(manifest.name)
     # The check sends garbage on purpose: the plugin's warnings about it are expected, not news.
@@ -334,9 +334,9 @@ async def _action(rig: Embedded, report: Report, action: str, *, call_permitted:
         ok = not problem and doc is not None and doc.get("code") == "invalid_params"
         report.add(f"{action}: params its schema refuses ({json.dumps(wrong)}) are invalid_params (400)", ok,
                    problem or (f"got {json.dumps(doc)[:200]}" if not ok else ""))
-    if spec.permission is not None and not call_permitted:
-        report.add(f"{action}: well-formed requests", True, f"not sent: it needs {spec.permission.value}, and may "
-                   "change this host (--call-permitted sends them)", skipped=True)
+    if spec.permission in DANGEROUS and not call_permitted:
+        report.add(f"{action}: well-formed requests", True, f"not sent: it needs {spec.permission.value}, so it "
+                   "may change this host (--call-permitted sends them)", skipped=True)
         return
     validator = rig.manifest.params_validator(action)
     for params in example_params(schema):
