@@ -15,6 +15,7 @@ from tuxpilot.agent.config import Config, load_config
 from tuxpilot.pdk import package
 from tuxpilot.pdk.keys import Signer, TrustStore
 from tuxpilot.pdk.registry import BusRegistry, open_registry
+from tuxpilot.protocol import schemas
 from tuxpilot.protocol.errors import Conflict, NotFound
 from tuxpilot.protocol.names import Subjects, package_index_bucket, package_key, packages_bucket
 
@@ -47,6 +48,8 @@ async def test_folder_registry(tmp_path: Path) -> None:
         await registry.publish(build(tmp_path, None, name="diskwatch", version="0.3.0",
                                      description="Watches disks", category="storage"))
         assert (first.publisher, first.publisher_name, first.dangerous) == (signer.id, "acme", ["process_management"])
+        for doc in (tmp_path / "usb").glob("*/*.json"):  # the index entries agree with the schema
+            assert schemas.validator("package-entry").errors(json.loads(doc.read_text())) == [], doc
         # Newest of each name; words match names, descriptions and categories.
         assert [e.ref for e in await registry.search("")] == ["diskwatch@0.3.0", "greeter@1.10.0"]
         assert [e.ref for e in await registry.search("STORAGE disks")] == ["diskwatch@0.3.0"]

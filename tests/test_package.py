@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from tuxpilot.pdk import deps, package
 from tuxpilot.pdk.keys import KeyRing, PublicKey, Signer, TrustStore
 from tuxpilot.pdk.package import PackageRefused, canonical
+from tuxpilot.protocol import schemas
 from tuxpilot.protocol.errors import ConfigError
 from tuxpilot.protocol.manifest import Manifest
 
@@ -160,6 +161,13 @@ def test_verify_and_unpack(tmp_path: Path, built: Path, trust: TrustStore, signe
     assert verified.manifest.name == "greeter" and verified.version == "1.2.0"
     assert verified.sha256 == hashlib.sha256(built.read_bytes()).hexdigest()
     assert [f.path for f in verified.files] == ["lib/words.txt", "plugin.py", "plugin.toml", "run.sh"]
+    with tarfile.open(built) as tar:
+        statement = json.loads(tar.extractfile(package.STATEMENT).read())  # type: ignore[union-attr]
+    assert schemas.validator("package-statement").errors(statement) == []
+    for bad in ("../x", "/etc/x", "a//b", "./a", "a\\b", "a/./b", "a/.."):
+        wrong = {**statement, "files": [{**statement["files"][0], "path": bad}]}
+        assert schemas.validator("package-statement").errors(wrong), bad
+        assert package.path_problem(bad), bad
     dest = package.unpack(verified, tmp_path / "installed")
     assert (dest / "lib" / "words.txt").read_text() == "hello\nworld\n"
     assert os.stat(dest / "run.sh").st_mode & 0o777 == 0o755

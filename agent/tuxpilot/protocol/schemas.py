@@ -13,7 +13,8 @@ import jsonschema_rs
 from tuxpilot.protocol.errors import BadRequest, InvalidParams, InvalidSchema, PayloadTooLarge
 from tuxpilot.protocol.resources import shipped
 
-SCHEMA_NAMES = ("event", "proposal", "result", "error", "manifest", "metrics", "registry")
+SCHEMA_NAMES = ("event", "proposal", "result", "error", "manifest", "metrics", "registry", "package-statement",
+                "package-entry")
 _MAX_REPORTED = 10
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 # Deeper documents are refused before validation: no contract here nests anywhere near this.
