@@ -71,13 +71,13 @@ def plugin_test(
         return
     if server is not None:
         fail("--server goes with --replay", EXIT_USAGE)
-    from tuxpilot.pdk import check
+    from tuxpilot.pdk import check, owntests
 
     ok = True
     doc: dict[str, Any] = {}
     if own:
         try:
-            tests = check.own_tests(folder, echo=None if as_json else lambda line: out.print(line, markup=False))
+            tests = owntests.own_tests(folder, echo=None if as_json else lambda line: out.print(line, markup=False))
         except ConfigError as exc:
             fail(exc.message, EXIT_USAGE)
         doc["own_tests"] = {"ran": tests.ran, "ok": tests.ok, "note": tests.note, "output": tests.output[-4000:]}
