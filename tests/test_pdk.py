@@ -5,6 +5,7 @@ what is wrong with a plugin that breaks the protocol."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -150,7 +151,6 @@ def _version_2(folder: Path) -> None:
 
 @pytest.mark.slow
 async def test_replay_shows_what_a_new_version_would_propose_against_the_fleets_audit(tmp_path: Path) -> None:
-    import json
     from datetime import UTC, datetime, timedelta
 
     from tuxpilot.agent import audit
@@ -287,6 +287,13 @@ async def test_plugin_dev_restarts_on_a_change_and_shows_the_emitted_events_prop
         assert not _alive(pids[0])  # the first process was stopped before the second started
         await view.wait_for("proposal", 'hello {"name":"web"}')
         await view.wait_for("result", "greeter.hello ok", '{"text":"hi web"}')
+
+        if runtime == "javascript":  # a new lockfile: the dependencies are installed from it again
+            lock = folder / "package-lock.json"
+            lock.write_text(json.dumps(json.loads(lock.read_text()), indent=1) + "\n")
+            await view.wait_for("changed: package-lock.json; restarting")
+            await view.wait_for("installing the plugin's dependencies")
+            await view.wait_for("result", "greeter.hello ok", '{"text":"hi web"}')
 
         # A change that breaks the manifest: nothing starts, and it says why, until the next change.
         manifest = (folder / "plugin.toml").read_text()
