@@ -110,14 +110,16 @@ def plugin_test(
 
 
 def _print_own(tests: Any) -> None:
-    if tests.note:
-        out.print(f"own tests: {tests.note}", markup=False)
     lines = tests.output.splitlines()
     shown = lines[-40:] if not tests.ok else lines[-3:]
     for line in shown:
         out.print(f"  {line}", markup=False)
-    if tests.ran:
-        out.print(f"own tests: {'passed' if tests.ok else 'FAILED'}", markup=False)
+    if not tests.ok:
+        out.print(f"own tests: FAILED ({tests.ran[-1] if tests.ran else 'not run'})", markup=False)
+    elif tests.note:
+        out.print(f"own tests: {tests.note}", markup=False)
+    elif tests.ran:
+        out.print("own tests: passed", markup=False)
 
 
 def _replay(ctx: typer.Context, folder: Path, since: str, server: str | None, *, as_json: bool,
