@@ -1,8 +1,12 @@
-"""Per-call latency and memory of the same echo action served by a Python plugin process and by a wasm
-plugin process (a WAT guest of TuxPilot's ABI, a fresh instance per call), each started as the host
-starts it, requested over a real nats-server on the plugin's own endpoint:
+"""Per-call latency and memory of the same echo action served by a Python plugin process, by a wasm
+plugin process (a WAT guest of TuxPilot's ABI, a fresh instance per call) and by the Python plugin
+shipped as an image and run by the container runtime (TuxPilot's image, `images/build.sh`, on the engine
+at $DOCKER_HOST, with the runtime's own flags), each started as the host starts it, requested over a real
+nats-server on the plugin's own endpoint:
 
     .venv/bin/python benchmarks/runtimes.py [N]
+
+The container column is skipped, with the reason, when there is no engine or no TuxPilot image.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from tuxpilot.bus.server import NatsServer  # noqa: E402
+from tuxpilot.protocol.manifest import load as load_manifest  # noqa: E402
 from tuxpilot.protocol.models import new_id  # noqa: E402
 from tuxpilot.protocol.names import ACTION_ID_HEADER, Subjects  # noqa: E402
+from tuxpilot.runtimes.container_run import ContainerSpec, create_options  # noqa: E402
 
 from tests.wasm import guests  # noqa: E402
 
@@ -58,6 +64,48 @@ def make(base: Path, name: str, runtime: str) -> Path:
     return folder
 
 
+BASE_IMAGE = os.environ.get("TUXPILOT_IMAGE", "tuxpilot:dev")
+DOCKERFILE = """ARG BASE
+FROM ${BASE}
+COPY plugin.toml plugin.py /plugin/
+CMD ["python3", "-m", "tuxpilot.sdk.process", "/plugin"]
+"""
+
+
+def start_container(folder: Path, name: str, env: dict[str, str]) -> tuple[object, int]:
+    """The Python plugin in `folder` as an image, started with the container runtime's flags; the
+    container and the pid of the plugin's process in it (docker-init's child)."""
+    import docker
+
+    client = docker.from_env()
+    (folder / "Dockerfile").write_text(DOCKERFILE)
+    tag = f"tuxpilot-{name}:bench"
+    client.images.build(path=str(folder), tag=tag, buildargs={"BASE": BASE_IMAGE}, network_mode="none", rm=True)
+    manifest = load_manifest(folder).to_doc()
+    spec = ContainerSpec(name=f"tuxpilot-{name}", image=tag, user=f"{os.getuid()}:{os.getgid()}", manifest=manifest,
+                         limits={"memory_mb": 256, "processes": 64})
+    container = client.containers.create(tag, **create_options(spec, env))
+    container.start()
+    for _ in range(100):
+        container.reload()
+        children = psutil.Process(container.attrs["State"]["Pid"]).children()
+        if children:
+            return container, children[0].pid
+        time.sleep(0.1)
+    raise RuntimeError("the container's plugin process did not start")
+
+
+def container_missing() -> str | None:
+    try:
+        import docker
+
+        client = docker.from_env(timeout=5)
+        client.images.get(BASE_IMAGE)
+    except Exception as exc:
+        return f"container: skipped ({type(exc).__name__}: {str(exc)[:120]})"
+    return None
+
+
 async def measure(url: str, subjects: Subjects, name: str, pid: int, n: int) -> tuple[float, float, float]:
     nc = await nats.connect(url)
     subject = (getattr(subjects, "exec", None) or subjects.act)(name, "echo")
@@ -87,6 +135,7 @@ async def main(n: int) -> None:
         env = {**os.environ, "TUXPILOT_NATS_URL": server.url, "TUXPILOT_HOST_ID": "bench-host",
                "TUXPILOT_STATE_DIR": str(base / "state"), "TUXPILOT_LOG_LEVEL": "warning"}
         rows = []
+        skipped: str | None = None
         try:
             for runtime, module in (("python", "tuxpilot.sdk.process"), ("wasm", "tuxpilot.sdk.wasm")):
                 name = f"bench-{runtime}"
@@ -99,11 +148,21 @@ async def main(n: int) -> None:
                 finally:
                     proc.terminate()
                     await asyncio.wait_for(proc.wait(), 10)
+            skipped = container_missing()
+            if skipped is None:
+                folder = make(base / "plugins", "bench-container", "python")
+                container, pid = await asyncio.to_thread(start_container, folder, "bench-container", env)
+                try:
+                    rows.append(("container", *await measure(server.url, subjects, "bench-container", pid, n)))
+                finally:
+                    await asyncio.to_thread(container.remove, force=True)  # type: ignore[attr-defined]
         finally:
             server.stop()
     print(f"{'runtime':10} {'p50 us':>9} {'p99 us':>9} {'RSS MiB':>9}   ({n} requests each, one at a time)")
     for runtime, p50, p99, rss in rows:
         print(f"{runtime:10} {p50:9.0f} {p99:9.0f} {rss:9.1f}")
+    if skipped is not None:
+        print(skipped)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ class Implementation:
     # What a handler that fails unexpectedly answers: an SDK's exception is `internal`; a wasm guest's
     # trap is `plugin_fault` (docs/protocol.md, error codes).
     crash_error: tuple[str, int] = ("internal", 500)
+    image: str | None = None  # runtime container: the image the build makes
 
 
 IMPLEMENTATIONS = [
@@ -77,6 +78,11 @@ IMPLEMENTATIONS = [
     Implementation("wasm", HERE / "wasm", runtime="wasm", entry_point="plugin.wasm", programs=("clang",),
                    build=("sh", str(HERE / "wasm" / "build.sh"), "plugin.wasm"),
                    manifest_extra="\n[config]\nsandbox_keep_state = true\n", crash_error=("plugin_fault", 502)),
+    # The Python implementation shipped as an image (on TuxPilot's, images/build.sh), run by the
+    # container runtime on the Docker engine ($DOCKER_HOST).
+    Implementation("container", HERE / "container", runtime="container", entry_point="image.tar",
+                   programs=("docker",), image="tuxpilot-conformance:dev",
+                   build=("sh", str(HERE / "container" / "build.sh"), "tuxpilot-conformance:dev")),
 ]
 
 
@@ -84,7 +90,8 @@ def manifest_text(impl: Implementation) -> str:
     """The test manifest, with the implementation's runtime and entry point."""
     text = MANIFEST.read_text()
     text = re.sub(r'(?m)^runtime = ".*"$', f'runtime = "{impl.runtime}"', text)
-    return re.sub(r'(?m)^entry_point = ".*"$', f'entry_point = "{impl.entry_point}"', text) + impl.manifest_extra
+    image = f'\nimage = "{impl.image}"' if impl.image else ""
+    return re.sub(r'(?m)^entry_point = ".*"$', f'entry_point = "{impl.entry_point}"{image}', text) + impl.manifest_extra
 
 
 @pytest.fixture(params=IMPLEMENTATIONS, ids=lambda impl: impl.name)
