@@ -28,7 +28,14 @@ from tuxpilot.protocol.manifest import load
 from tuxpilot.protocol.models import Event
 from tuxpilot.protocol.names import MSG_ID_HEADER, Subjects
 from tuxpilot.runtimes.catalog import RUNTIMES
-from tuxpilot.runtimes.container import LABEL_HOST, LABEL_PLUGIN, SPEC, container_name, host_spec
+from tuxpilot.runtimes.container import (
+    LABEL_HOST,
+    LABEL_PLUGIN,
+    SPEC,
+    container_name,
+    host_spec,
+    network_mode,
+)
 from tuxpilot.runtimes.container_run import ContainerSpec, create_options
 
 from tests.conftest import need, tuxpilot_exe
@@ -52,7 +59,9 @@ subscribes = ["boxed.poke"]
 
 [actions.echo]
 timeout_s = 10
-params = {{ type = "object", properties = {{ text = {{ type = "string", maxLength = 20 }} }} }}
+[actions.echo.params]
+type = "object"
+properties = {{ text = {{ type = "string", maxLength = 20 }}, probe = {{ type = "string" }} }}
 
 [limits]
 memory_mb = 160
@@ -78,7 +87,7 @@ def test_the_manifest_limits_become_the_containers_and_the_flags_harden_it(tmp_p
                                                               "open_files": 256}, os.defpath)
     assert launch_.as_agent and launch_.rlimits == {}  # the limits are the container's, not this process's
     spec_json = host_spec(launch_.env[SPEC], host=HOST, plugin="boxed", account=None,
-                          credential=tmp_path / "boxed.json", cpus=0.5)
+                          credential=tmp_path / "boxed.json", cpus=0.5, network="none")
     env = {SPEC: spec_json, launch.NATS_USER_FILE: str(tmp_path / "boxed.json"), "PYTHONPATH": "/host",
            "DOCKER_HOST": "unix:///x", launch.NATS_URL: "nats://127.0.0.1:4222"}
     spec = ContainerSpec.from_env(env)
@@ -95,6 +104,15 @@ def test_the_manifest_limits_become_the_containers_and_the_flags_harden_it(tmp_p
     assert inside[launch.NATS_USER_FILE] == "/run/tuxpilot/credentials.json"
     assert "PYTHONPATH" not in inside and "DOCKER_HOST" not in inside and SPEC not in inside
     assert json.loads(inside[launch.MANIFEST])["version"] == "1.0.0"
+    # No network of its own: the bus through the relay into its namespace.
+    assert options["network_mode"] == "none" and inside[launch.NATS_URL] == "nats://127.0.0.1:4222"
+
+
+def test_only_network_access_gives_a_container_the_hosts_network() -> None:
+    root = os.geteuid() == 0
+    assert network_mode(granted_network=False, tls=False) == ("none" if root else "host")
+    assert network_mode(granted_network=True, tls=False) == "host"
+    assert network_mode(granted_network=False, tls=True) == "host"  # the certificate names the host's address
 
 
 def docker_client() -> Any:
@@ -199,6 +217,15 @@ async def test_a_container_plugin_serves_hardened_and_as_the_host_manifest_says(
     doc = await until_answers(rig)
     data = doc["data"]
     assert data["params"] == {"text": "hi"}
+    # No network but the bus (network_access not granted): a listener on the host's loopback, which a
+    # process plugin or a container on the host's network reaches, is not there from inside.
+    listener = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        probed, _ = await rig.call("echo", {"probe": f"127.0.0.1:{port}"})
+        assert probed["data"]["probe"] == "ECONNREFUSED", probed
+    finally:
+        listener.close()
     # Hardened: no capabilities, no_new_privs, a read-only root, the manifest's limits as cgroup limits.
     assert int(data["cap_eff"], 16) == 0
     assert data["no_new_privs"] == "1"

@@ -115,10 +115,20 @@ def container_name(host: str, plugin: str) -> str:
     return f"tuxpilot-{host}-{plugin}"
 
 
+def network_mode(granted_network: bool, tls: bool) -> str:
+    """The container's network. The engine runs without a bridge or iptables: a container shares the
+    host's network or has none. With `network_access` granted it gets the host's; without, none at all,
+    and the bus through a relay into its own namespace (container_relay). Under TLS the host's too: the
+    server's certificate names the host's address, not the relay's."""
+    # Entering the container's namespace takes CAP_SYS_ADMIN: an agent that is not root shares the host's.
+    return "host" if granted_network or tls or os.geteuid() != 0 else "none"
+
+
 def host_spec(spec: str, *, host: str, plugin: str, account: Account | None, credential: Path | None,
-              cpus: float) -> str:
+              cpus: float, network: str) -> str:
     """The launch's spec (image, limits, manifest) with what only the host knows: who the container runs
-    as (the plugin's own user, else the agent's), its credential file, its CPU share, its name and labels."""
+    as (the plugin's own user, else the agent's), its credential file, its CPU share, its network, its
+    name and labels."""
     doc = json.loads(spec)
     if account is not None:
         doc["user"], doc["groups"] = f"{account.uid}:{account.gid}", [g for g in account.groups if g != account.gid]
@@ -126,6 +136,6 @@ def host_spec(spec: str, *, host: str, plugin: str, account: Account | None, cre
         doc["user"], doc["groups"] = f"{os.getuid()}:{os.getgid()}", []
     doc.update(
         name=container_name(host, plugin), credential=str(credential) if credential is not None else None,
-        cpus=cpus, network="host", labels={LABEL_HOST: host, LABEL_PLUGIN: plugin},
+        cpus=cpus, network=network, labels={LABEL_HOST: host, LABEL_PLUGIN: plugin},
     )
     return json.dumps(doc)

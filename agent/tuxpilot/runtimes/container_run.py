@@ -20,6 +20,7 @@ from types import FrameType
 from typing import Any
 
 from tuxpilot.protocol import launch
+from tuxpilot.runtimes import container_relay
 from tuxpilot.runtimes.container import CREDENTIAL_MOUNT, SPEC
 
 # A stopped container gets this long to exit before the engine kills it; less than the host's own grace
@@ -60,6 +61,8 @@ def environment(spec: ContainerSpec, env: dict[str, str]) -> dict[str, str]:
     for key in (launch.NATS_USER_FILE, launch.env_name("nats", "creds")):
         if key in inside:
             inside[key] = credential_path(spec)
+    if spec.network == "none":  # the bus through the relay into its own namespace, and nothing else
+        inside[launch.NATS_URL] = container_relay.URL
     inside[launch.STATE_DIR] = "/tmp"
     inside["HOME"] = "/tmp"
     # The manifest the HOST loaded: the container serves and announces this one, not one of its own.
@@ -146,6 +149,14 @@ def run(env: dict[str, str]) -> int:
         if stop.is_set():
             return 0
         container.start()
+        if spec.network == "none":
+            container.reload()
+            try:
+                listener = container_relay.listen_in(container.attrs["State"]["Pid"])
+            except OSError as exc:
+                sys.stderr.write(f"container {spec.name}: no way to the bus in its network namespace: {exc}\n")
+                return EXIT_UNAVAILABLE
+            container_relay.relay(listener, container_relay.upstreams(env.get(launch.NATS_URL, "")))
         threading.Thread(target=_pump, args=(container,), daemon=True).start()
         try:
             status = container.wait(timeout=None)

@@ -20,7 +20,7 @@ import structlog
 from tuxpilot.lifetime import Part
 from tuxpilot.protocol import launch
 from tuxpilot.protocol.errors import TuxPilotError
-from tuxpilot.protocol.manifest import Manifest
+from tuxpilot.protocol.manifest import Manifest, Permission
 from tuxpilot.protocol.models import Event, Severity
 from tuxpilot.protocol.plugin_state import Exit, PluginState, State
 from tuxpilot.runtimes import container
@@ -158,10 +158,12 @@ class PluginHost(Part):
             dirs = sandbox_dirs(settings.sandbox_dirs, settings.granted(plugin.manifest))
             env[launch.SANDBOX_DIRS] = json.dumps(dirs)
         if plugin.manifest.runtime == "container":
+            settings = self.config.plugin(plugin.name)
+            network = Permission.network_access in settings.granted(plugin.manifest)
             env[container.SPEC] = container.host_spec(
                 env[container.SPEC], host=self.config.host_id, plugin=plugin.name,
                 account=plan.account if plan is not None else None, credential=self.credentials.get(plugin.name),
-                cpus=self.config.plugin(plugin.name).cpus,
+                cpus=settings.cpus, network=container.network_mode(network, self.config.nats.tls_ca is not None),
             )
         return env
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,22 @@ def _root_writable() -> bool | str:
     return True
 
 
+def _connect(address: str | None) -> str | None:
+    """What a TCP connection to host:port gives from inside: "connected", or the errno's name."""
+    if not address:
+        return None
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+    return "connected"
+
+
 @plugin.action("echo")
 def echo(params: dict[str, Any], ctx: Any) -> dict[str, Any]:
     return {
+        "probe": _connect(params.get("probe")),
         "params": params,
         "uid": os.getuid(),
         "gid": os.getgid(),
