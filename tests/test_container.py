@@ -6,6 +6,7 @@ agent stops (or is SIGKILLed), and is believed only as the HOST's manifest descr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pwd
@@ -32,7 +33,9 @@ from tuxpilot.runtimes.container import (
     LABEL_HOST,
     LABEL_PLUGIN,
     SPEC,
+    ImageError,
     container_name,
+    ensure_image,
     host_spec,
     network_mode,
 )
@@ -123,6 +126,41 @@ def docker_client() -> Any:
     except Exception as exc:
         need("a Docker engine", False, f"{os.environ.get('DOCKER_HOST', 'the default socket')}: {exc}")
     return client
+
+
+def test_an_image_the_engine_lacks_is_loaded_from_the_plugins_tarball_or_refused(tmp_path: Path) -> None:
+    """`docker load` of the entry point when the engine lacks the image; a tarball of another image, or
+    none, is one refusal (the plugin is not started in a loop)."""
+    import docker.errors
+    import structlog
+
+    client = docker_client()
+    try:
+        busybox = client.images.get("tuxpilot-test-busybox:latest")
+    except docker.errors.ImageNotFound:
+        need("tuxpilot-test-busybox", False, "`.ci/docker-engine.sh start` builds it")
+    tag = f"tuxpilot-test-load:{os.getpid()}"
+    folder = host_folder(tmp_path)
+    busybox.tag(tag)
+    try:
+        with (folder / "image.tar").open("wb") as out:
+            for chunk in client.api.get_image(tag):  # the tarball names this tag
+                out.write(chunk)
+        client.images.remove(tag)
+        (folder / "plugin.toml").write_text(HOST_MANIFEST.replace(IMAGE, tag))
+        log = structlog.get_logger("test")
+        ensure_image(folder, load(folder), log)
+        assert tag in client.images.get(tag).tags
+        (folder / "plugin.toml").write_text(HOST_MANIFEST.replace(IMAGE, "tuxpilot-test-load:other"))
+        with pytest.raises(ImageError, match=r"holds .*tuxpilot-test-load.*, not tuxpilot-test-load:other"):
+            ensure_image(folder, load(folder), log)
+        (folder / "image.tar").unlink()
+        with pytest.raises(ImageError, match=r"the engine has no image tuxpilot-test-load:other and .*image\.tar"):
+            ensure_image(folder, load(folder), log)
+    finally:
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            client.images.remove(tag)
+        client.close()
 
 
 @pytest.fixture(scope="module")
@@ -276,6 +314,43 @@ async def test_a_container_plugin_serves_hardened_and_as_the_host_manifest_says(
 
     # Stopping the agent leaves no container behind.
     await rig.agent.stop()
+    assert ours(engine) == []
+
+
+@pytest.mark.slow
+async def test_a_container_that_keeps_exiting_is_a_crash_loop(engine: Any, tmp_path: Path) -> None:
+    import io
+
+    import docker.errors
+
+    try:
+        engine.images.get("tuxpilot-test-busybox:latest")
+    except docker.errors.ImageNotFound:
+        need("tuxpilot-test-busybox", False, "`.ci/docker-engine.sh start` builds it")
+    dockerfile = b'FROM tuxpilot-test-busybox:latest\nCMD ["sh", "-c", "echo failing; exit 3"]\n'
+    engine.images.build(fileobj=io.BytesIO(dockerfile), tag="tuxpilot-test-flaky:dev", network_mode="none", rm=True)
+    folder = host_folder(tmp_path)
+    (folder / "plugin.toml").write_text(HOST_MANIFEST.replace(IMAGE, "tuxpilot-test-flaky:dev"))
+    config = load_config(environ={**config_env(tmp_path), "TUXPILOT_SUPERVISION_CRASH_LOOP_RESTARTS": "3",
+                                  "TUXPILOT_SUPERVISION_BACKOFF_START_S": "0.1"})
+    agent = Agent(config)
+    await agent.start()
+    try:
+        subjects = Subjects.of(config)
+        nc = await _connect(agent.url, auth.credential_file(config.state_dir, auth.agent_user(subjects).name))
+        try:
+            deadline = asyncio.get_running_loop().time() + 60
+            while True:
+                state = (await read_states(nc.jetstream(), subjects)).get(f"{HOST}.boxed")
+                if state is not None and state.state == "crash_loop":
+                    break
+                assert asyncio.get_running_loop().time() < deadline, f"no crash loop: {state}"
+                await asyncio.sleep(0.2)
+            assert state.last_exit is not None and state.last_exit.exit_code == 3  # the container's own
+        finally:
+            await nc.close()
+    finally:
+        await agent.stop()
     assert ours(engine) == []
 
 
