@@ -20,8 +20,9 @@ from tuxpilot.agent.app import Agent
 from tuxpilot.agent.config import load_config
 from tuxpilot.bus.server import NatsServer
 from tuxpilot.fleet import admin, hub, leaf, member
+from tuxpilot.fleet.heartbeat import open_heartbeats, read_beat
 from tuxpilot.protocol.models import Event
-from tuxpilot.protocol.names import HUB_DOMAIN, leaf_domain
+from tuxpilot.protocol.names import HUB_DOMAIN, Subjects, leaf_domain
 
 from tests.conftest import until
 from tests.test_cluster import free_ports
@@ -75,6 +76,14 @@ async def wait_records(nc: Client, host: str, count: int, limit: float) -> list[
         await asyncio.sleep(0.2)
 
 
+async def until_async(check: Any, limit: float, what: str) -> None:
+    deadline = time.monotonic() + limit
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
 async def tick(operator: Client, n: int) -> None:
     event = Event.new("test.tick", HOST, value=n)
     await operator.jetstream().publish(f"tuxpilot.evt.{HOST}.test.tick", event.to_json(),
@@ -121,6 +130,9 @@ async def test_leaf_host_works_cut_off_and_its_audit_reaches_the_hub_once(
                 linked = await wait_records(local, HOST, 5, 60)
                 watcher = await connect(hub_server.url, folder / "admin.creds")
                 await wait_records(watcher, HOST, 5, 30)
+                # Its heartbeats are sourced too: the hub's fleet status sees it.
+                beats = await open_heartbeats(watcher.jetstream(), Subjects("tuxpilot", "admin"))
+                await until_async(lambda: read_beat(beats, HOST), 30, "edge-1's beat on the hub")
                 await watcher.close()
 
                 # Cut: the hub goes away; the host goes on deciding and executing its own events.
@@ -145,6 +157,12 @@ async def test_leaf_host_works_cut_off_and_its_audit_reaches_the_hub_once(
                     hub_ids = sorted(r["id"] for r in on_hub)
                     assert hub_ids == leaf_ids, (len(hub_ids), len(leaf_ids))
                     assert len(set(hub_ids)) == len(hub_ids), "a record reached the hub twice"
+                    # Revoked, its leaf connection is refused by the hub.
+                    sys_nc = await connect(hub_server.url, folder / "sys.creds")
+                    await admin.push(sys_nc, admin.revoke(folder, HOST))
+                    await sys_nc.close()
+                    await until(lambda: any("authorization" in line.lower() for line in leaf_server.output), 15,
+                                "the hub refusing the revoked host's leaf connection")
                     print(f"leaf records: {len(leaf_ids)} (7 while cut off), on the hub: {len(hub_ids)}, distinct; "
                           f"on the hub {caught_up:.1f} s after it came back")
                 finally:
@@ -171,7 +189,7 @@ async def test_a_leaf_connection_cannot_forge_another_hosts_audit(
     evil = await connect(hub_server.url, creds, "_INBOX_tuxpilot-edge-2-leaf", error_cb=on_error)
     try:
         for subject in (f"tuxpilot.leafsrc.{HOST}.x", f"tuxpilot.result.{HOST}.sysmon.x",
-                        "tuxpilot.result.edge-2.sysmon.x", f"$KV.tuxpilot_fleet.{HOST}"):
+                        "tuxpilot.result.edge-2.sysmon.x", f"$KV.tuxpilot_fleet.{HOST}"):  # its own beat: sourced
             await evil.publish(subject, b"{}")
         await evil.publish("tuxpilot.leafsrc.edge-2.x", b"{}")  # its own: allowed
         await evil.flush()

@@ -53,23 +53,24 @@ def agent_denied(subjects: Subjects) -> list[str]:
 def leaf_permissions(subjects: Subjects) -> tuple[list[str], list[str]]:
     """The host's leaf node connection to the hub. On a leaf connection `publish` is what flows from the
     host's leaf server into the hub and `subscribe` what flows from the hub down to it. Up: the copies of
-    its audit records the hub's audit stream sources (on its own delivery subject only), the answers to
-    the hub's consumer requests, its heartbeat. Down: the hub's requests to its JetStream domain about its
-    audit stream alone, and flow control. Nothing else: its records reach the hub only by sourcing (no
-    copy published twice), and no other host's traffic reaches it. Not calls from the hub either: its
+    its audit records and heartbeats that the hub's audit stream and heartbeats bucket source (on its own
+    delivery subject only), the answers to the hub's consumer requests. Down: the hub's requests to its
+    JetStream domain about those two streams alone, and flow control. Nothing else: its records reach the
+    hub only by sourcing (no copy published twice), and no other host's traffic reaches it. Not calls from
+    the hub either: its
     answers would need the right to publish on the hub's reply inboxes (allow_responses does not cover a
     leaf connection), with which it could answer in another host's name."""
     h = subjects.host
-    api, audit = f"$JS.{leaf_domain(h)}.API", Names.of(subjects).audit
+    api = f"$JS.{leaf_domain(h)}.API"
     # `$JSC.R.>`: the answers to the hub's consumer requests (allow_responses does not cover a leaf
     # connection). Another leaf host could answer one of those in this host's place, which stalls its source
     # until the hub retries; it cannot put a record in the audit: that takes this host's delivery subject.
-    publish = [f"{leaf_deliver(subjects)}.>", "$JSC.R.>", f"$KV.{fleet_bucket(subjects)}.{h}"]
-    subscribe = [
-        f"{api}.CONSUMER.CREATE.{audit}", f"{api}.CONSUMER.CREATE.{audit}.>", f"{api}.CONSUMER.DELETE.{audit}.>",
-        f"{api}.CONSUMER.INFO.{audit}.>", f"{api}.STREAM.INFO.{audit}",
-        f"$JS.FC.{audit}.>", f"$JS.FC.{leaf_domain(h)}.>",
-    ]
+    publish = [f"{leaf_deliver(subjects)}.>", "$JSC.R.>"]
+    subscribe = [f"$JS.FC.{leaf_domain(h)}.>"]
+    for stream in (Names.of(subjects).audit, f"KV_{fleet_bucket(subjects)}"):  # what the hub sources
+        subscribe += [f"{api}.CONSUMER.CREATE.{stream}", f"{api}.CONSUMER.CREATE.{stream}.>",
+                      f"{api}.CONSUMER.DELETE.{stream}.>", f"{api}.CONSUMER.INFO.{stream}.>",
+                      f"{api}.STREAM.INFO.{stream}", f"$JS.FC.{stream}.>"]
     return publish, subscribe
 
 
