@@ -113,6 +113,21 @@ def container_missing() -> str | None:
     return None
 
 
+async def first_answer(url: str, subjects: Subjects, name: str) -> float:
+    """When the plugin first answered its echo (perf_counter)."""
+    nc = await nats.connect(url)
+    try:
+        for _ in range(1000):
+            try:
+                await nc.request(subjects.exec(name, "echo"), b"{}", timeout=1, headers={ACTION_ID_HEADER: new_id()})
+                return time.perf_counter()
+            except Exception:
+                await asyncio.sleep(0.01)
+        raise RuntimeError(f"{name} never answered")
+    finally:
+        await nc.close()
+
+
 async def measure(url: str, subjects: Subjects, name: str, pid: int, n: int) -> tuple[float, float, float]:
     nc = await nats.connect(url)
     subject = (getattr(subjects, "exec", None) or subjects.act)(name, "echo")
@@ -160,12 +175,15 @@ async def main(n: int) -> None:
             for network in ("none", "host") if skipped is None else ():
                 name = f"bench-container-{network}"
                 folder = make(base / "plugins", name, "python")
+                started = time.perf_counter()
                 standing, pid = await asyncio.to_thread(start_container, folder, name, env, network)
                 try:
+                    ready_s = await first_answer(server.url, subjects, name) - started
                     label = "container" if network == "none" else "container, host network"
                     rows.append((label, *await measure(server.url, subjects, name, pid, n)))
                     mib = psutil.Process(standing.pid).memory_info().rss / 2**20  # type: ignore[attr-defined]
-                    notes.append(f"{label}: the process standing for it (docker-py, relay) {mib:.1f} MiB RSS")
+                    notes.append(f"{label}: the process standing for it (docker-py, relay) {mib:.1f} MiB RSS; "
+                                 f"first answer {ready_s:.2f} s after its start (image built before)")
                 finally:
                     standing.terminate()  # type: ignore[attr-defined]  # it stops and removes the container
                     await asyncio.to_thread(standing.wait, 20)  # type: ignore[attr-defined]
