@@ -128,9 +128,10 @@ def docker_client() -> Any:
     return client
 
 
-def test_an_image_the_engine_lacks_is_loaded_from_the_plugins_tarball_or_refused(tmp_path: Path) -> None:
-    """`docker load` of the entry point when the engine lacks the image; a tarball of another image, or
-    none, is one refusal (the plugin is not started in a loop)."""
+def test_an_image_the_engine_lacks_is_loaded_or_built_from_the_plugins_entry_point(tmp_path: Path) -> None:
+    """`docker load` of the entry point when the engine lacks the image, or `docker build` when it is a
+    Dockerfile; a tarball of another image, none, or a build that fails is one refusal (the plugin is
+    not started in a loop)."""
     import docker.errors
     import structlog
 
@@ -157,9 +158,20 @@ def test_an_image_the_engine_lacks_is_loaded_from_the_plugins_tarball_or_refused
         (folder / "image.tar").unlink()
         with pytest.raises(ImageError, match=r"the engine has no image tuxpilot-test-load:other and .*image\.tar"):
             ensure_image(folder, load(folder), log)
+        # A Dockerfile as the entry point: built with the plugin's folder as context, without network.
+        (folder / "Dockerfile").write_text(f'FROM {tag}\nCOPY plugin.toml /plugin.toml\nCMD ["sh"]\n')
+        built = f"tuxpilot-test-built:{os.getpid()}"
+        (folder / "plugin.toml").write_text(
+            HOST_MANIFEST.replace(IMAGE, built).replace('entry_point = "image.tar"', 'entry_point = "Dockerfile"'))
+        ensure_image(folder, load(folder), log)
+        client.images.remove(built)
+        (folder / "Dockerfile").write_text(f"FROM {tag}\nRUN wget -q -T 2 http://127.0.0.1:1/ \n")
+        with pytest.raises(ImageError, match=f"building {built} from Dockerfile failed"):
+            ensure_image(folder, load(folder), log)
     finally:
-        with contextlib.suppress(docker.errors.ImageNotFound):
-            client.images.remove(tag)
+        for image in (tag, f"tuxpilot-test-built:{os.getpid()}"):
+            with contextlib.suppress(docker.errors.ImageNotFound):
+                client.images.remove(image)
         client.close()
 
 

@@ -80,9 +80,17 @@ class Container(Runtime):
         await asyncio.to_thread(ensure_image, folder, manifest, log)
 
 
+def is_build_file(entry_point: str) -> bool:
+    """Whether the entry point is a Dockerfile (the plugin's folder is then the build context) rather than
+    a tarball `docker load` takes."""
+    name = Path(entry_point).name
+    return name.endswith(("Dockerfile", "Containerfile"))
+
+
 def ensure_image(folder: Path, manifest: Manifest, log: Any) -> None:
-    """The engine has the manifest's image, or loads it from the plugin's tarball (its entry point); else
-    the plugin cannot start, which is said once instead of a crash loop."""
+    """The engine has the manifest's image, or gets it from the plugin's entry point: a tarball it loads,
+    or a Dockerfile it builds with the plugin's folder as context and no network; else the plugin cannot
+    start, which is said once instead of a crash loop."""
     import docker.errors
 
     assert manifest.image is not None
@@ -93,17 +101,26 @@ def ensure_image(folder: Path, manifest: Manifest, log: Any) -> None:
             return
         except docker.errors.ImageNotFound:
             pass
-        tarball = folder / manifest.entry_point
-        if not tarball.is_file():
-            raise ImageError(f"the engine has no image {manifest.image} and {tarball} (a tarball for docker load) "
-                             "does not exist")
-        log.info("plugin.image_load", image=manifest.image, tarball=str(tarball))
-        with tarball.open("rb") as data:
+        entry = folder / manifest.entry_point
+        build = is_build_file(manifest.entry_point)
+        if not entry.is_file():
+            what = "a Dockerfile to build it from" if build else "a tarball for docker load"
+            raise ImageError(f"the engine has no image {manifest.image} and {entry} ({what}) does not exist")
+        if build:
+            log.info("plugin.image_build", image=manifest.image, dockerfile=str(entry))
+            client.images.build(path=str(folder), dockerfile=manifest.entry_point, tag=manifest.image,
+                                network_mode="none", rm=True, forcerm=True)
+            log.info("plugin.image_built", image=manifest.image)
+            return
+        log.info("plugin.image_load", image=manifest.image, tarball=str(entry))
+        with entry.open("rb") as data:
             loaded = client.images.load(data)
         tags = [t for image in loaded for t in image.tags]
         if manifest.image not in tags:
-            raise ImageError(f"{tarball} holds {', '.join(tags) or 'no tagged image'}, not {manifest.image}")
+            raise ImageError(f"{entry} holds {', '.join(tags) or 'no tagged image'}, not {manifest.image}")
         log.info("plugin.image_loaded", image=manifest.image)
+    except docker.errors.BuildError as exc:
+        raise ImageError(f"building {manifest.image} from {manifest.entry_point} failed: {exc.msg}") from None
     except docker.errors.DockerException as exc:
         raise ImageError(f"the Docker engine refused the image {manifest.image}: {exc}") from None
     finally:
