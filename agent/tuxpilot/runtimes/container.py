@@ -5,7 +5,8 @@ The plugin host supervises one small process per container plugin (`python -m tu
 run as the agent's user, since the engine's socket is root's): it creates and starts the container,
 streams its output, waits for it, and stops and removes it when it is told to stop or its parent dies. So
 backoff, crash loops and stopping work exactly as for a process plugin, and no container outlives its
-agent. The container runs as the plugin's own user (uid:gid), read-only, with no capabilities.
+agent. The container runs as the plugin's own user (uid:gid), read-only, with no capabilities, and with
+no network but the bus (container_relay) unless the host granted `network_access`.
 
 How the manifest maps: `memory_mb` becomes the cgroup memory limit (swap included), `processes` the pids
 limit, `cpu_s` and `open_files` the container's RLIMIT_CPU and RLIMIT_NOFILE (the same meaning as for a
@@ -53,6 +54,7 @@ def _client(timeout: float = PING_TIMEOUT_S) -> Any:
 class Container(Runtime):
     name: ClassVar[str] = "container"
     on_host: ClassVar[bool] = False
+
     def missing(self, folder: Path, manifest: Manifest, path: str) -> str | None:
         if importlib.util.find_spec("docker") is None:
             return "the docker Python package is not installed (pip install docker)"
