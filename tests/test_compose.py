@@ -70,6 +70,7 @@ def project(tmp_path: Path) -> Iterator[tuple[list[str], Path]]:
         assert not left, f"containers left behind: {[c.name for c in left]}"
 
 
+@pytest.mark.timeout(400)  # bringing a fleet up and down; ~32 s here
 def test_compose_runs_a_fleet_that_answers_a_fleet_wide_call(project: tuple[list[str], Path]) -> None:
     compose, fleet = project
     tux = tuxpilot_exe()
