@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import nats
@@ -32,8 +31,7 @@ from tuxpilot.bus.server import NatsServer  # noqa: E402
 from tuxpilot.protocol.manifest import load as load_manifest  # noqa: E402
 from tuxpilot.protocol.models import new_id  # noqa: E402
 from tuxpilot.protocol.names import ACTION_ID_HEADER, Subjects  # noqa: E402
-from tuxpilot.runtimes.container import SPEC  # noqa: E402
-from tuxpilot.runtimes.container_run import ContainerSpec  # noqa: E402
+from tuxpilot.runtimes.container import SPEC, ContainerSpec, run_spec  # noqa: E402
 
 from tests.wasm import guests  # noqa: E402
 
@@ -89,7 +87,7 @@ def start_container(folder: Path, name: str, env: dict[str, str], network: str) 
     spec = ContainerSpec(name=f"tuxpilot-{name}", image=tag, user=f"{os.getuid()}:{os.getgid()}", manifest=manifest,
                          limits={"memory_mb": 256, "processes": 64}, network=network)
     standing = subprocess.Popen([sys.executable, "-m", "tuxpilot.runtimes.container_run", str(folder)],
-                                env={**env, SPEC: json.dumps(asdict(spec))}, stderr=subprocess.DEVNULL)
+                                env={**env, SPEC: run_spec(spec, env)}, stderr=subprocess.DEVNULL)
     for _ in range(200):
         try:
             container = client.containers.get(spec.name)

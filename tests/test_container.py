@@ -39,7 +39,6 @@ from tuxpilot.runtimes.container import (
     host_spec,
     network_mode,
 )
-from tuxpilot.runtimes.container_run import ContainerSpec, create_options
 
 from tests.conftest import need, tuxpilot_exe
 
@@ -89,17 +88,18 @@ def test_the_manifest_limits_become_the_containers_and_the_flags_harden_it(tmp_p
     launch_ = RUNTIMES["container"].launch(folder, manifest, {"memory_mb": 160, "processes": 64, "cpu_s": 30,
                                                               "open_files": 256}, os.defpath)
     assert launch_.as_agent and launch_.rlimits == {}  # the limits are the container's, not this process's
-    spec_json = host_spec(launch_.env[SPEC], host=HOST, plugin="boxed", account=None,
-                          credential=tmp_path / "boxed.json", cpus=0.5, network="none")
-    env = {SPEC: spec_json, launch.NATS_USER_FILE: str(tmp_path / "boxed.json"), "PYTHONPATH": "/host",
-           "DOCKER_HOST": "unix:///x", launch.NATS_URL: "nats://127.0.0.1:4222"}
-    spec = ContainerSpec.from_env(env)
-    options = create_options(spec, env)
+    env = {SPEC: launch_.env[SPEC], launch.NATS_USER_FILE: str(tmp_path / "boxed.json"), "PYTHONPATH": "/host",
+           "DOCKER_HOST": "unix:///x", launch.NATS_URL: "nats://127.0.0.1:4222,nats://127.0.0.1:4223"}
+    handed = json.loads(host_spec(launch_.env[SPEC], host=HOST, plugin="boxed", account=None,
+                                  credential=tmp_path / "boxed.json", cpus=0.5, network="none", env=env))
+    assert handed["image"] == IMAGE and handed["relay"]
+    assert handed["upstreams"] == "nats://127.0.0.1:4222,nats://127.0.0.1:4223"  # the relay's way out
+    options = handed["options"]
     assert options["read_only"] and options["cap_drop"] == ["ALL"]
     assert options["security_opt"] == ["no-new-privileges"] and options["init"]
     assert options["mem_limit"] == options["memswap_limit"] == 160 * 2**20
     assert options["pids_limit"] == 64 and options["nano_cpus"] == 500_000_000
-    assert {(u["Name"], u["Soft"], u["Hard"]) for u in options["ulimits"]} == {("cpu", 30, 30), ("nofile", 256, 256)}
+    assert {(u["name"], u["soft"], u["hard"]) for u in options["ulimits"]} == {("cpu", 30, 30), ("nofile", 256, 256)}
     assert options["user"] == f"{os.getuid()}:{os.getgid()}" and options["name"] == container_name(HOST, "boxed")
     assert options["volumes"] == {str(tmp_path / "boxed.json"): {"bind": "/run/tuxpilot/credentials.json",
                                                                   "mode": "ro"}}

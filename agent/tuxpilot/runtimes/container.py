@@ -20,22 +20,29 @@ import importlib.util
 import json
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from tuxpilot.protocol import launch
 from tuxpilot.protocol.errors import TuxPilotError
 from tuxpilot.protocol.manifest import Manifest
+from tuxpilot.runtimes import container_relay
 from tuxpilot.runtimes.base import Launch, Runtime
+from tuxpilot.runtimes.container_run import SPEC as SPEC  # the name the standing process reads
 
 if TYPE_CHECKING:
     from tuxpilot.runtimes.confine import Account
 
 RUN_MODULE = "tuxpilot.runtimes.container_run"
-# The process that stands for the container gets the container's spec here, as JSON (ContainerSpec).
-SPEC = launch.env_name("container")
 # Where the container finds its credential file (mounted read-only).
 CREDENTIAL_MOUNT = "/run/tuxpilot/credentials"
+TMPFS = "rw,nosuid,nodev,noexec,size=64m,mode=1777"
+# Of the host's launch environment, what makes sense inside the container: the TUXPILOT_* settings and
+# the locale, never the host's PATH, PYTHONPATH or DOCKER_HOST.
+KEEP = ("LANG", "LC_ALL", "TZ")
+# Host paths in the environment that the container gets as read-only mounts at the same path.
+TLS_FILES = tuple(launch.env_name("nats", key) for key in ("tls_ca", "tls_cert", "tls_key"))
 LABEL_HOST, LABEL_PLUGIN = "org.tuxpilot.host", "org.tuxpilot.plugin"
 PING_TIMEOUT_S = 3.0
 LOAD_TIMEOUT_S = 300.0
@@ -143,18 +150,101 @@ def network_mode(granted_network: bool, tls: bool) -> str:
     return "host" if granted_network or tls or os.geteuid() != 0 else "none"
 
 
+@dataclass(frozen=True)
+class ContainerSpec:
+    """What the host decided for one plugin's container."""
+
+    name: str
+    image: str
+    user: str  # uid:gid
+    manifest: dict[str, Any]
+    limits: dict[str, int] = field(default_factory=dict)
+    groups: list[int] = field(default_factory=list)
+    credential: str | None = None
+    cpus: float = 1.0
+    network: str = "host"
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def environment(spec: ContainerSpec, env: dict[str, str]) -> dict[str, str]:
+    """The container's environment: the plugin's launch environment with the paths it has in there."""
+    inside = {k: v for k, v in env.items() if (k.startswith(launch.ENV_PREFIX) or k in KEEP) and k != SPEC}
+    for key in (launch.NATS_USER_FILE, launch.env_name("nats", "creds")):
+        if key in inside:
+            inside[key] = credential_path(spec)
+    if spec.network == "none":  # the bus through the relay into its own namespace, and nothing else
+        inside[launch.NATS_URL] = container_relay.URL
+    inside[launch.STATE_DIR] = "/tmp"
+    inside["HOME"] = "/tmp"
+    # The manifest the HOST loaded: the container serves and announces this one, not one of its own.
+    inside[launch.MANIFEST] = json.dumps(spec.manifest, separators=(",", ":"))
+    return inside
+
+
+def credential_path(spec: ContainerSpec) -> str:
+    suffix = os.path.splitext(spec.credential or "")[1]
+    return CREDENTIAL_MOUNT + suffix
+
+
+def create_options(spec: ContainerSpec, env: dict[str, str]) -> dict[str, Any]:
+    """docker-py's `containers.create` keywords for the spec (JSON, for the process standing for the
+    container): the hardening flags and the limits."""
+    limits = spec.limits
+    volumes = {}
+    if spec.credential is not None:
+        volumes[spec.credential] = {"bind": credential_path(spec), "mode": "ro"}
+    for key in TLS_FILES:
+        if env.get(key):
+            volumes[env[key]] = {"bind": env[key], "mode": "ro"}
+    ulimits = [{"name": n, "soft": limits[k], "hard": limits[k]}
+               for k, n in (("cpu_s", "cpu"), ("open_files", "nofile")) if k in limits]
+    options: dict[str, Any] = {
+        "name": spec.name,
+        "environment": environment(spec, env),
+        "user": spec.user,
+        "group_add": [str(g) for g in spec.groups],
+        "read_only": True,
+        "tmpfs": {"/tmp": TMPFS},
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"],
+        "network_mode": spec.network,
+        "volumes": volumes,
+        "ulimits": ulimits,
+        "nano_cpus": int(spec.cpus * 1e9),
+        "init": True,  # a real PID 1: signals forwarded, zombies reaped
+        "labels": spec.labels,
+        "detach": True,
+    }
+    if "memory_mb" in limits:
+        options["mem_limit"] = options["memswap_limit"] = limits["memory_mb"] * 2**20
+    if "processes" in limits:
+        options["pids_limit"] = limits["processes"]
+    return options
+
+
+def run_spec(spec: ContainerSpec, env: dict[str, str]) -> str:
+    """What the process standing for the container is handed (TUXPILOT_CONTAINER): everything decided,
+    so that it needs nothing but the docker SDK."""
+    return json.dumps({
+        "image": spec.image, "options": create_options(spec, env), "relay": spec.network == "none",
+        "upstreams": env.get(launch.NATS_URL, ""),
+    })
+
+
 def host_spec(spec: str, *, host: str, plugin: str, account: Account | None, credential: Path | None,
-              cpus: float, network: str) -> str:
-    """The launch's spec (image, limits, manifest) with what only the host knows: who the container runs
+              cpus: float, network: str, env: dict[str, str]) -> str:
+    """The launch's spec (image, limits, manifest) with what only the host knows — who the container runs
     as (the plugin's own user, else the agent's), its credential file, its CPU share, its network, its
-    name and labels."""
+    name and labels — as the process standing for the container takes it. `env`: the plugin's launch
+    environment."""
     doc = json.loads(spec)
     if account is not None:
-        doc["user"], doc["groups"] = f"{account.uid}:{account.gid}", [g for g in account.groups if g != account.gid]
+        user, groups = f"{account.uid}:{account.gid}", [g for g in account.groups if g != account.gid]
     else:
-        doc["user"], doc["groups"] = f"{os.getuid()}:{os.getgid()}", []
-    doc.update(
-        name=container_name(host, plugin), credential=str(credential) if credential is not None else None,
+        user, groups = f"{os.getuid()}:{os.getgid()}", []
+    decided = ContainerSpec(
+        name=container_name(host, plugin), image=doc["image"], user=user, manifest=doc["manifest"],
+        limits=doc["limits"], groups=groups, credential=str(credential) if credential is not None else None,
         cpus=cpus, network=network, labels={LABEL_HOST: host, LABEL_PLUGIN: plugin},
     )
-    return json.dumps(doc)
+    return run_spec(decided, env)

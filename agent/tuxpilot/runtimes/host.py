@@ -164,6 +164,7 @@ class PluginHost(Part):
                 env[container.SPEC], host=self.config.host_id, plugin=plugin.name,
                 account=plan.account if plan is not None else None, credential=self.credentials.get(plugin.name),
                 cpus=settings.cpus, network=container.network_mode(network, self.config.nats.tls_ca is not None),
+                env=env,
             )
         return env
 
