@@ -376,3 +376,32 @@ async def test_fleet_status_and_join_and_loss_events(
         assert hosts["db-1"]["state"] == "lost" and hosts["web-1"]["state"] == "alive"
     finally:
         await nc.close()
+
+
+def test_leaf_join_writes_a_valid_leaf_server_config(tmp_path: Path) -> None:
+    """`fleet init --leaf-port` → `enroll --leaf` → `join --leaf`: the host's leaf server config passes
+    `nats-server -t` and the host config points the agent at it; a host not enrolled as a leaf is refused."""
+    from tuxpilot.bus.server import server_binary
+
+    folder, state = tmp_path / "fleet", tmp_path / "state"
+    for args in (("fleet", "init", "--dir", str(folder), "--port", "1", "--leaf-port", "7422"),
+                 ("fleet", "enroll", "edge-1", "--dir", str(folder), "--leaf"),
+                 ("fleet", "enroll", "web-1", "--dir", str(folder))):
+        done = run_cli(*args)  # no server on port 1: the enrolments are in the configs for its next start
+        assert done.returncode == 0, done.stderr[-2000:]
+    host_cfg = tmp_path / "edge-1.toml"
+    done = run_cli("fleet", "join", str(folder / "hosts" / "edge-1.json"), "--leaf", "--leaf-listen", "4299",
+                   "--write", str(host_cfg), env={"TUXPILOT_STATE_DIR": str(state)})
+    assert done.returncode == 0, done.stderr
+    leaf_conf = state / "fleet" / "leaf.conf"
+    text = leaf_conf.read_text()
+    assert "domain: leaf-edge-1" in text and '"nats-leaf://127.0.0.1:7422"' in text and "resolver: MEMORY" in text
+    assert (leaf_conf.stat().st_mode & 0o077) == 0
+    checked = subprocess.run([server_binary(), "-t", "-c", str(leaf_conf)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    assert 'url = "nats://127.0.0.1:4299"' in host_cfg.read_text()
+    hub_conf = (folder / "server.conf").read_text()
+    assert "domain: hub" in hub_conf and 'leafnodes { listen: "127.0.0.1:7422" }' in hub_conf
+    refused = run_cli("fleet", "join", str(folder / "hosts" / "web-1.json"), "--leaf", "--write",
+                      str(tmp_path / "web-1.toml"), env={"TUXPILOT_STATE_DIR": str(tmp_path / "state-web")})
+    assert refused.returncode != 0 and "not enrolled as a leaf host" in refused.stdout + refused.stderr

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import nats
 import typer
+from nats.aio.client import Client
 
 from tuxpilot.agent.config import write_private
 from tuxpilot.cli.common import EXIT_UNAVAILABLE, EXIT_USAGE, add_row, config_of, err, fail, out, run_async, table
@@ -22,6 +23,7 @@ from tuxpilot.settings import default_config_path, subject_token
 
 app = typer.Typer(help="A fleet of hosts on one NATS deployment (operator mode).", no_args_is_help=True)
 
+CONNECT_WAIT_S = 10.0
 FleetDir = Annotated[Path, typer.Option("--dir", "-d", help="The fleet's folder (its secrets: keep it private).")]
 
 
@@ -35,11 +37,23 @@ def _labels(items: list[str]) -> dict[str, str]:
     return labels
 
 
+async def _quiet(exc: Exception) -> None:
+    """nats.py logs every failed attempt with a traceback by default; the caller says it once."""
+
+
+async def _connect(fleet: admin.Fleet, creds: Path) -> Client:
+    # nats.py reads max_reconnect_attempts=0 on a first connect as "try forever" (1 tries each server once,
+    # measured: 2 s for a refused port), and the whole attempt is bounded too: no server means the change
+    # waits in the configs, not a hang.
+    return await asyncio.wait_for(
+        nats.connect(fleet.urls, user_credentials=str(creds), allow_reconnect=False, max_reconnect_attempts=1,
+                     connect_timeout=3, error_cb=_quiet), CONNECT_WAIT_S)
+
+
 async def _push(folder: Path, fleet: admin.Fleet) -> bool:
     """Hand the servers the fleet account's new JWT; False when none answers (it is in the configs)."""
     try:
-        nc = await nats.connect(fleet.urls, user_credentials=str(folder / "sys.creds"), allow_reconnect=False,
-                                max_reconnect_attempts=0, connect_timeout=3)
+        nc = await _connect(fleet, folder / "sys.creds")
     except (OSError, TimeoutError, nats.errors.Error) as exc:
         err.print(f"no server reached at {', '.join(fleet.urls)} ({type(exc).__name__}); the server config(s) in "
                   f"{folder} carry the change for the next start")
@@ -56,8 +70,7 @@ async def _push(folder: Path, fleet: admin.Fleet) -> bool:
 async def _prepare(folder: Path, fleet: admin.Fleet) -> None:
     """The hub's shared pieces that hosts may not make: the leases bucket, the audit's leaf sources."""
     try:
-        nc = await nats.connect(fleet.urls, user_credentials=str(folder / "admin.creds"), allow_reconnect=False,
-                                max_reconnect_attempts=0, connect_timeout=3)
+        nc = await _connect(fleet, folder / "admin.creds")
         try:
             leaves = await hub.prepare(nc, fleet)
         finally:
