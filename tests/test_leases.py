@@ -20,7 +20,7 @@ from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 from tuxpilot.agent.config import Config, load_config
 from tuxpilot.agent.gate import Gate
-from tuxpilot.agent.leases import allowed, group_labels
+from tuxpilot.agent.leases import _place, allowed, group_labels
 from tuxpilot.agent.registry import Registry
 from tuxpilot.bus.server import NatsServer
 from tuxpilot.bus.streams import create_plugin_consumer, ensure_streams
@@ -46,6 +46,9 @@ def test_group_and_bound() -> None:
     with pytest.raises(ValueError, match="exactly one"):
         FleetLimit(max=1, percent=10)
     assert lease_group("docker", "restart", {"role": "web"}) == lease_group("docker", "restart", {"role": "web"})
+    # A renewed lease keeps the place of its first write; a value cannot claim a place after its own.
+    assert _place(b'{"first": 3}', 10) == 3 and _place(b"{}", 10) == 10 and _place(b'{"first": 12}', 10) == 10
+    assert _place(b"not json", 10) == 10
     assert lease_group("docker", "restart", {"role": "web"}) != lease_group("docker", "restart", {"role": "db"})
 
 
@@ -304,3 +307,58 @@ async def test_no_bucket_refuses_rather_than_runs(tmp_path: Path, nats_server: N
 
 
 
+
+
+async def test_percent_counts_the_groups_alive_hosts(nats_server: NatsServer) -> None:
+    """percent = 50 of role=web: 4 web hosts beat (a fifth is lost, a db host is not in the group): K = 2."""
+    from tuxpilot.agent.leases import LeaseRefused, Leases
+    from tuxpilot.fleet.heartbeat import Beat, open_heartbeats
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        beats = await open_heartbeats(nc.jetstream(), Subjects("tuxpilot", "admin"))
+        now = time.time()
+        for host, role, age in (("web-1", "web", 0), ("web-2", "web", 1), ("web-3", "web", 2), ("web-4", "web", 0),
+                                ("web-5", "web", 100), ("db-1", "db", 0)):
+            beat = Beat(host=host, version="1", labels={"role": role}, started=now - 200, at=now - age, ttl_s=15)
+            await beats.put(host, beat.model_dump_json().encode())
+        limit = FleetLimit(percent=50, labels={"role": "web"})
+
+        def leases(host: str) -> Leases:
+            return Leases(nc, Subjects("tuxpilot", host), {"role": "web"}, create=True)
+
+        assert await leases("web-1").members(nc.jetstream(), {"role": "web"}) == 4
+        assert await leases("web-1").acquire("fixer", "restart", limit, 5, "a1") is not None
+        assert await leases("web-2").acquire("fixer", "restart", limit, 5, "a2") is not None
+        with pytest.raises(LeaseRefused, match="fleet limit is 2: web-1, web-2") as refused:
+            await leases("web-3").acquire("fixer", "restart", limit, 5, "a3")
+        assert refused.value.details["holders"] == ["web-1", "web-2"]
+        db = Leases(nc, Subjects("tuxpilot", "db-1"), {"role": "db"}, create=True)
+        assert await db.acquire("fixer", "restart", limit, 5, "a4") is None  # not in the group: not limited
+    finally:
+        await nc.close()
+
+
+async def test_a_host_runs_its_cases_under_one_lease(nats_server: NatsServer) -> None:
+    """max = 1: web-1's second case runs under its lease (renewed, as less than lease_s was left); web-2
+    is refused until web-1's last case gives the lease back."""
+    from tuxpilot.agent.leases import LeaseRefused, Leases
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        limit = FleetLimit(max=1, lease_s=2)
+        web1 = Leases(nc, Subjects("tuxpilot", "web-1"), {}, create=True)
+        web2 = Leases(nc, Subjects("tuxpilot", "web-2"), {}, create=True)
+        first = await web1.acquire("fixer", "restart", limit, 5, "a1")
+        await asyncio.sleep(1.2)  # less than lease_s left: the next case renews it
+        second = await web1.acquire("fixer", "restart", limit, 5, "a2")
+        assert first is not None and second is not None
+        with pytest.raises(LeaseRefused, match="web-1"):
+            await web2.acquire("fixer", "restart", limit, 5, "b1")
+        await web1.release(first)
+        with pytest.raises(LeaseRefused, match="web-1"):  # its second case still runs
+            await web2.acquire("fixer", "restart", limit, 5, "b2")
+        await web1.release(second)
+        assert await web2.acquire("fixer", "restart", limit, 5, "b3") is not None
+    finally:
+        await nc.close()
