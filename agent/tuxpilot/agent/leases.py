@@ -139,12 +139,19 @@ class Leases:
         details: dict[str, Any] = {"group": group, "lease_s": lease_s, "limit_key": name}
         async with self._locks.setdefault(name, asyncio.Lock()):
             held = self._held.get(name)
-            if held is not None and held.count > 0:
-                held.count += 1
-                if held.until - time.monotonic() < lease_s:  # long enough for this run too
+            # Under a lease still alive, this case joins it, which is renewed for as long as this run (its
+            # place kept). A lease that lapsed is no place to keep: others may hold it now, so it is taken
+            # afresh like anyone's.
+            if held is not None and held.count > 0 and held.until > time.monotonic():
+                try:
                     await self._write(name, action_id, lease_s, held.first)
-                    held.until = time.monotonic() + lease_s
+                except Exception as exc:
+                    raise LeaseRefused(f"{plugin}.{action} has a fleet limit and its lease could not be renewed "
+                                       f"({type(exc).__name__}: {str(exc)[:200]})", details) from None
+                held.count += 1
+                held.until = time.monotonic() + lease_s
                 return held.lease
+            running = held.count if held is not None else 0
             js = self.nc.jetstream(timeout=KV_TIMEOUT_S)
             try:
                 await self._ensure(js)
@@ -162,7 +169,7 @@ class Leases:
                 details["holders"] = sorted(earlier)
                 raise LeaseRefused(f"{len(earlier)} host(s) of its group run {plugin}.{action} now, its fleet "
                                    f"limit is {k}: {', '.join(sorted(earlier))}", details)
-            self._held[name] = _Held(lease, seq, 1, started + lease_s)
+            self._held[name] = _Held(lease, seq, running + 1, started + lease_s)
             log.info("lease.taken", group=name, seq=seq, limit=k, before=len(earlier))
             return lease
 
