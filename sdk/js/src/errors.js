@@ -21,6 +21,8 @@ export const STATUS_CODES = Object.freeze({
   timeout: 504,
   resource_exhausted: 507,
   plugin_fault: 502,
+  unhealthy: 502,
+  package_refused: 422,
 });
 
 /**
