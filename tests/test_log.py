@@ -17,10 +17,14 @@ LINES: list[dict[str, Any]] = [
      "empty": "", "doc": {"a": 1}, "quoted": 'say "hi"', "tab": "a\tb", "eq": "a=b", "unicode": "é"},
     {"event": "x", "level": "debug", "timestamp": "T", "stack": "Stack (most recent call last):\n  f"},
     {"event": "no.time.nor.level", "n": 1},
+    {"event": "named", "timestamp": "T", "level": "info", "logger_name": "tuxpilot.gate", "a": 1},
+    {"timestamp": "T", "level": "info", "a": 1},
+    {"event": "raw", "timestamp": "T", "level": "info", "b": b"\x00", "none": None, "f": 1.5, "t": (1, 2)},
+    {"event": "caught", "timestamp": "T", "level": "error", "exc_info": (ValueError, ValueError("x"), None)},
 ]
 
 
-@pytest.mark.parametrize("line", LINES, ids=[str(line["event"]) for line in LINES])
+@pytest.mark.parametrize("line", LINES, ids=[str(line.get("event", "no-event")) for line in LINES])
 def test_plain_console_prints_what_structlogs_console_renderer_prints(line: dict[str, Any]) -> None:
     theirs = dev.ConsoleRenderer(colors=False, exception_formatter=dev.plain_traceback)
     assert plain_console(None, "info", dict(line)) == theirs(None, "info", dict(line))
