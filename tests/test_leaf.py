@@ -20,7 +20,9 @@ from tuxpilot.agent.app import Agent
 from tuxpilot.agent.config import load_config
 from tuxpilot.bus.server import NatsServer
 from tuxpilot.fleet import admin, hub, leaf, member
+from tuxpilot.fleet.gather import gather
 from tuxpilot.fleet.heartbeat import open_heartbeats, read_beat
+from tuxpilot.fleet.targets import Targets
 from tuxpilot.protocol.models import Event
 from tuxpilot.protocol.names import HUB_DOMAIN, Subjects, leaf_domain
 
@@ -157,6 +159,10 @@ async def test_leaf_host_works_cut_off_and_its_audit_reaches_the_hub_once(
                     hub_ids = sorted(r["id"] for r in on_hub)
                     assert hub_ids == leaf_ids, (len(hub_ids), len(leaf_ids))
                     assert len(set(hub_ids)) == len(hub_ids), "a record reached the hub twice"
+                    # A fleet-wide call from the hub reaches its gate, and its answer comes back.
+                    replies = await gather(watcher, Subjects("tuxpilot", "admin"), "sysmon", "top_processes", b"{}",
+                                           Targets(hosts=(HOST,)), deadline_s=15, expected={HOST})
+                    assert [(r.host, r.status) for r in replies] == [(HOST, "ok")], replies
                     # Revoked, its leaf connection is refused by the hub.
                     sys_nc = await connect(hub_server.url, folder / "sys.creds")
                     await admin.push(sys_nc, admin.revoke(folder, HOST))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -13,7 +14,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from tuxpilot.fleet.targets import Targets
-from tuxpilot.protocol.names import HOST_HEADER, Subjects
+from tuxpilot.protocol.names import FLEET_INBOX, HOST_HEADER, Subjects
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ async def gather_on(nc: Client, subject: str, body: bytes, targets: Targets, *, 
                     expected: set[str] | None = None) -> list[HostReply]:
     """One request on a fan-out `subject` (a fleet-wide call, or a request to every targeted agent), and every
     host's reply within `deadline_s`; returns early once each `expected` host answered."""
-    inbox = nc.new_inbox()
+    inbox = f"{FLEET_INBOX}.{secrets.token_hex(12)}"
     replies: dict[str, HostReply] = {}
     done = asyncio.Event()
     started = time.perf_counter()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from tuxpilot.bus import auth
 from tuxpilot.bus.jwt import Scope
 from tuxpilot.protocol.names import (
+    FLEET_INBOX,
     Names,
     Subjects,
     fleet_bucket,
@@ -54,19 +55,20 @@ def leaf_permissions(subjects: Subjects) -> tuple[list[str], list[str]]:
     """The host's leaf node connection to the hub. On a leaf connection `publish` is what flows from the
     host's leaf server into the hub and `subscribe` what flows from the hub down to it. Up: the copies of
     its audit records and heartbeats that the hub's audit stream and heartbeats bucket source (on its own
-    delivery subject only), the answers to the hub's consumer requests. Down: the hub's requests to its
-    JetStream domain about those two streams alone, and flow control. Nothing else: its records reach the
-    hub only by sourcing (no copy published twice), and no other host's traffic reaches it. Not calls from
-    the hub either: its
-    answers would need the right to publish on the hub's reply inboxes (allow_responses does not cover a
-    leaf connection), with which it could answer in another host's name."""
+    delivery subject only), the answers to the hub's consumer requests, the answers to fleet-wide calls.
+    Down: the hub's requests to its JetStream domain about those two streams alone, flow control, and
+    fleet-wide calls. Nothing else: its records reach the hub only by sourcing (no copy published twice),
+    no other host's traffic reaches it, and it answers no request but a fleet-wide call (allow_responses
+    does not cover a leaf connection, and a right on every reply inbox would let it answer any request)."""
     h = subjects.host
     api = f"$JS.{leaf_domain(h)}.API"
     # `$JSC.R.>`: the answers to the hub's consumer requests (allow_responses does not cover a leaf
     # connection). Another leaf host could answer one of those in this host's place, which stalls its source
     # until the hub retries; it cannot put a record in the audit: that takes this host's delivery subject.
-    publish = [f"{leaf_deliver(subjects)}.>", "$JSC.R.>"]
-    subscribe = [f"$JS.FC.{leaf_domain(h)}.>"]
+    # Fleet-wide calls come down and their answers go up on the fleet's reply inbox (an answer names its
+    # host in a header, which any host receiving the same call could set: no worse than on the hub).
+    publish = [f"{leaf_deliver(subjects)}.>", "$JSC.R.>", f"{FLEET_INBOX}.>"]
+    subscribe = [f"$JS.FC.{leaf_domain(h)}.>", subjects.fleet_act("*", "*")]
     for stream in (Names.of(subjects).audit, f"KV_{fleet_bucket(subjects)}"):  # what the hub sources
         subscribe += [f"{api}.CONSUMER.CREATE.{stream}", f"{api}.CONSUMER.CREATE.{stream}.>",
                       f"{api}.CONSUMER.DELETE.{stream}.>", f"{api}.CONSUMER.INFO.{stream}.>",

@@ -199,6 +199,11 @@ def inbox_prefix(user: str) -> str:
     return INBOX_HEAD + "".join(c if c.isalnum() or c in "-_" else "_" for c in user)
 
 
+# Where a fleet-wide call's replies come (`fleet/gather.py`): an inbox of its own, so that a leaf host's link
+# may carry answers to fleet-wide calls and no other reply into the hub. Only the fleet's admin reads it.
+FLEET_INBOX = INBOX_HEAD + "fleet"
+
+
 def caller_of(reply: str | None) -> str | None:
     """The user whose reply inbox `reply` is (`_INBOX_<user>.…`), or None for any other reply subject.
 
