@@ -181,6 +181,7 @@ class Installer(Part):
             if why is not None:
                 await self.agent.stop_plugin(name)
                 await self.agent.forget_plugin(name)
+                await self._uninstall(staged.folder, manifest)
                 installed.discard(installed.plugin_dir(self.config.state_dir, name))
                 log.error("install.failed", plugin=name, version=manifest.version, why=why)
                 raise Unhealthy(f"{name} {manifest.version} did not come up: {why}; nothing was installed")
@@ -220,6 +221,7 @@ class Installer(Part):
             records = installed.read(self.config.state_dir)
             records[name] = staged.record
             installed.write(self.config.state_dir, records)
+            await self._uninstall(old_folder, old_manifest)
             await asyncio.to_thread(installed.discard, old_folder)
             if old_manifest.subscribes and not manifest.subscribes:  # the new version reads no events
                 await delete_plugin_consumer(self.agent.nc.jetstream(), name, self.subjects)
@@ -238,6 +240,9 @@ class Installer(Part):
             record = self._installed(name)  # its manifest is not needed: a broken one is removed all the same
             await self.agent.stop_plugin(name)
             await self.agent.forget_plugin(name)
+            folder = installed.version_dir(self.config.state_dir, name, record.version)
+            with contextlib.suppress(TuxPilotError, OSError):  # a broken manifest: nothing more of it is known
+                await self._uninstall(folder, await asyncio.to_thread(load_manifest, folder))
             records = installed.read(self.config.state_dir)
             records.pop(name, None)
             installed.write(self.config.state_dir, records)
@@ -319,10 +324,14 @@ class Installer(Part):
         """Its JavaScript dependencies installed from its lockfile (no install scripts); then whatever its runtime
         still lacks here (a WebAssembly module wasmtime refuses, say) refuses the install."""
         runtime = runtime_of(manifest)
-        await runtime.prepare(folder, manifest, log.bind(plugin=manifest.name))
+        await runtime.install(folder, manifest, log.bind(plugin=manifest.name))
         lacking = await asyncio.to_thread(runtime.missing, folder, manifest, plugin_path())
         if lacking is not None:
             raise Unhealthy(f"runtime {runtime.name} cannot run {manifest.name} here: {lacking}")
+
+    async def _uninstall(self, folder: Path, manifest: Manifest) -> None:
+        """What the version in `folder` made outside it (a container plugin's image) goes with it."""
+        await runtime_of(manifest).uninstall(folder, manifest, log.bind(plugin=manifest.name))
 
     async def _health(self, name: str, version: str) -> str | None:
         """None once an instance of the plugin answers `$SRV.PING.<name>` (only its own NATS user may) with
@@ -349,6 +358,7 @@ class Installer(Part):
         consumer where it was (what the tried version acknowledged is delivered again); None when it comes up
         healthy."""
         await self.agent.stop_plugin(manifest.name)
+        await self._uninstall(tried.folder, tried.manifest)
         await asyncio.to_thread(installed.discard, tried.folder)
         if floor is not None and self.agent.nc is not None:
             await rewind_plugin_consumer(self.agent.nc.jetstream(), manifest, self.subjects, self.config.streams,

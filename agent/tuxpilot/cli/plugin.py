@@ -165,7 +165,14 @@ def plugin_run(ctx: typer.Context, path: Path) -> None:
     config = config_of(ctx)
     folder = path.resolve()
     try:
-        if load_manifest(folder).runtime == "javascript":
+        manifest = load_manifest(folder)
+        if manifest.runtime == "container":
+            # The container is made by the agent's plugin host (the hardening flags, the plugin's user, the relay
+            # into a namespace of its own), which only an agent running as root on the engine's host can do.
+            fail(f"{manifest.name} is a container plugin, which only the agent runs: name its folder in the host "
+                 f"config's plugin_dirs, or `tuxpilot plugin package` it and `tuxpilot plugin install` the package",
+                 EXIT_USAGE)
+        if manifest.runtime == "javascript":
             _run_javascript(config, folder)
         plugin = load_plugin(folder)
     except ConfigError as exc:

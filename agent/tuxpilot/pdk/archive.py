@@ -4,6 +4,7 @@ and the rules every path in a package obeys (docs/protocol.md, "Plugin packages"
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -19,6 +20,9 @@ STATEMENT = "tuxpilot-package.json"
 SIGNATURE = "tuxpilot-package.sig"
 PAYLOAD = "plugin/"
 CHUNK = 64 * 1024
+# A packaged container plugin's image is named for the plugin and its version (docs/protocol.md).
+IMAGE_REPOSITORY = "tuxpilot-plugin-"
+IMAGE_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
 class PackageRefused(TuxPilotError):
@@ -115,3 +119,24 @@ def path_problem(path: str, limits: Limits = DEFAULT_LIMITS) -> str | None:
 
 def refuse(file: Path, reason: str) -> PackageRefused:
     return PackageRefused(f"{file.name}: {reason}")
+
+
+def package_image(name: str, version: str) -> str:
+    """The one image reference a packaged container plugin may name."""
+    return f"{IMAGE_REPOSITORY}{name}:{version}"
+
+
+def image_problem(manifest: Manifest) -> str | None:
+    """Why a package may not carry this container plugin, or None. The host makes the image from what the
+    package carries (its tarball or Dockerfile), never from what the engine already holds under a name (a tag
+    can be re-pointed by whoever loads images); and the name is the plugin's own, so that installing one
+    replaces no image anything else on the host runs."""
+    if manifest.runtime != "container":
+        return None
+    if not IMAGE_TAG.match(manifest.version):
+        return f"version {manifest.version!r} cannot be an image tag (a container plugin's version is its image's tag)"
+    want = package_image(manifest.name, manifest.version)
+    if manifest.image != want:
+        return (f"a packaged container plugin's image is {want} (made from the package's own {manifest.entry_point}), "
+                f"not {manifest.image}")
+    return None

@@ -46,6 +46,7 @@ from tuxpilot.pdk.archive import (
     VerifiedPackage,
     canonical,
     file_name,
+    image_problem,
     normal,
     path_problem,
 )
@@ -152,6 +153,9 @@ def build(folder: Path, out_dir: Path, signer: Signer | None, *, limits: Limits 
     }:
         raise ConfigError(f"{folder}: entry_point {manifest.entry_point!r} is not among the files packaged "
                           "(built yet? ignored?)")
+    problem = image_problem(manifest)
+    if problem is not None:
+        raise ConfigError(f"{folder}: {problem}")
     statement = canonical({
         "format": FORMAT, "format_version": FORMAT_VERSION, "name": manifest.name, "version": manifest.version,
         "files": [f.to_doc() for f, _ in files],

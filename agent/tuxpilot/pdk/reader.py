@@ -28,6 +28,7 @@ from tuxpilot.pdk.archive import (
     PackageFile,
     PackageRefused,
     VerifiedPackage,
+    image_problem,
     normal,
     path_problem,
     refuse,
@@ -160,6 +161,9 @@ def _manifest(data: bytes, file: Path, name: str, version: str, paths: set[str])
                            f"{manifest.version}")
     if normal(manifest.entry_point) not in paths:
         raise refuse(file, f"entry_point {manifest.entry_point!r} is not in the package")
+    problem = image_problem(manifest)
+    if problem is not None:
+        raise refuse(file, problem)
     return manifest
 
 

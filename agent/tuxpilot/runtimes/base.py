@@ -54,6 +54,15 @@ class Runtime:
         TuxPilotError saying why the plugin cannot start."""
         return None
 
+    async def install(self, folder: Path, manifest: Manifest, log: Any) -> None:
+        """What installing a package does before the plugin's first start: by default what every start does."""
+        await self.prepare(folder, manifest, log)
+
+    async def uninstall(self, folder: Path, manifest: Manifest, log: Any) -> None:
+        """What an installed version that goes (removed, updated, rolled back) leaves on the host beyond its
+        folder, removed."""
+        return None
+
     def needs(self, folder: Path, manifest: Manifest) -> list[tuple[Path, int]]:
         """What the plugin's user must reach, with the access it needs (os.R_OK | os.X_OK …)."""
         return [(folder / manifest.entry_point, os.R_OK), (folder / "plugin.toml", os.R_OK)]

@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import sys
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -46,6 +47,7 @@ TLS_FILES = tuple(launch.env_name("nats", key) for key in ("tls_ca", "tls_cert",
 LABEL_HOST, LABEL_PLUGIN = "org.tuxpilot.host", "org.tuxpilot.plugin"
 PING_TIMEOUT_S = 3.0
 LOAD_TIMEOUT_S = 300.0
+MAX_TARBALL_MANIFEST = 1024 * 1024
 
 
 class ImageError(TuxPilotError):
@@ -88,6 +90,14 @@ class Container(Runtime):
     async def prepare(self, folder: Path, manifest: Manifest, log: Any) -> None:
         await asyncio.to_thread(ensure_image, folder, manifest, log)
 
+    async def install(self, folder: Path, manifest: Manifest, log: Any) -> None:
+        # A package's image is made from what the package carries, even when the engine has one of that name:
+        # the signed tarball or Dockerfile is what the publisher vouched for, not whatever holds the tag.
+        await asyncio.to_thread(ensure_image, folder, manifest, log, fresh=True)
+
+    async def uninstall(self, folder: Path, manifest: Manifest, log: Any) -> None:
+        await asyncio.to_thread(remove_image, manifest, log)
+
 
 def is_build_file(entry_point: str) -> bool:
     """Whether the entry point is a Dockerfile (the plugin's folder is then the build context) rather than
@@ -96,18 +106,37 @@ def is_build_file(entry_point: str) -> bool:
     return name.endswith(("Dockerfile", "Containerfile"))
 
 
-def ensure_image(folder: Path, manifest: Manifest, log: Any) -> None:
+def tarball_tags(path: Path) -> list[str]:
+    """The tags a `docker save` tarball gives the images it holds (its manifest.json's RepoTags), read before
+    loading it: `docker load` re-points every one of them."""
+    try:
+        with tarfile.open(path) as tar:
+            member = tar.getmember("manifest.json")
+            data = tar.extractfile(member) if member.isfile() and member.size <= MAX_TARBALL_MANIFEST else None
+            if data is None:
+                raise ImageError(f"{path}: its manifest.json is not a small regular file")
+            doc = json.loads(data.read())
+        return [str(t) for entry in doc for t in (entry.get("RepoTags") or [])]
+    except KeyError:
+        raise ImageError(f"{path} holds no manifest.json: not a tarball of `docker save`") from None
+    except (tarfile.TarError, OSError, ValueError, AttributeError, TypeError) as exc:
+        raise ImageError(f"{path}: not a readable tarball of `docker save` ({type(exc).__name__})") from None
+
+
+def ensure_image(folder: Path, manifest: Manifest, log: Any, *, fresh: bool = False) -> None:
     """The engine has the manifest's image, or gets it from the plugin's entry point: a tarball it loads,
     or a Dockerfile it builds with the plugin's folder as context and no network; else the plugin cannot
-    start, which is said once instead of a crash loop."""
+    start, which is said once instead of a crash loop. `fresh`: made from the entry point even when the
+    engine has an image of that name (an install: the package's image, not the engine's)."""
     import docker.errors
 
     assert manifest.image is not None
     client = _client(LOAD_TIMEOUT_S)
     try:
         try:
-            client.images.get(manifest.image)
-            return
+            if not fresh:
+                client.images.get(manifest.image)
+                return
         except docker.errors.ImageNotFound:
             pass
         entry = folder / manifest.entry_point
@@ -121,6 +150,9 @@ def ensure_image(folder: Path, manifest: Manifest, log: Any) -> None:
                                 network_mode="none", rm=True, forcerm=True)
             log.info("plugin.image_built", image=manifest.image)
             return
+        held = tarball_tags(entry)
+        if held != [manifest.image]:  # loading it would re-point other tags too
+            raise ImageError(f"{entry} holds {', '.join(held) or 'no tagged image'}, not {manifest.image} alone")
         log.info("plugin.image_load", image=manifest.image, tarball=str(entry))
         with entry.open("rb") as data:
             loaded = client.images.load(data)
@@ -132,6 +164,28 @@ def ensure_image(folder: Path, manifest: Manifest, log: Any) -> None:
         raise ImageError(f"building {manifest.image} from {manifest.entry_point} failed: {exc.msg}") from None
     except docker.errors.DockerException as exc:
         raise ImageError(f"the Docker engine refused the image {manifest.image}: {exc}") from None
+    finally:
+        client.close()
+
+
+def remove_image(manifest: Manifest, log: Any) -> None:
+    """The image an installed version ran, untagged (its layers deleted when nothing else uses them). Kept,
+    with a warning, while a container still uses it or the engine is away: the next start needs nothing of it."""
+    import docker.errors
+
+    assert manifest.image is not None
+    try:
+        client = _client()
+    except docker.errors.DockerException as exc:
+        log.warning("plugin.image_kept", image=manifest.image, why=str(exc))
+        return
+    try:
+        client.images.remove(manifest.image)
+        log.info("plugin.image_removed", image=manifest.image)
+    except docker.errors.ImageNotFound:
+        pass
+    except docker.errors.DockerException as exc:
+        log.warning("plugin.image_kept", image=manifest.image, why=str(exc))
     finally:
         client.close()
 
