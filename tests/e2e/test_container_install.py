@@ -146,7 +146,7 @@ def serve_update_remove(up: Up, signer: keys.Signer, tmp_path: Path) -> None:
 
         # Removed: no container, no image.
         done = up.cli("plugin", "remove", "boxed")
-        assert done.returncode == 0, done.stderr
+        assert done.returncode == 0 and "grants and image tuxpilot-plugin-boxed:1.0.1" in done.stdout, done.stderr
         assert containers(client) == [] and has(client, "tuxpilot-plugin-boxed:1.0.1") is None
         assert "plugin.image_removed" in up.output()
 

@@ -241,8 +241,11 @@ class Installer(Part):
             await self.agent.stop_plugin(name)
             await self.agent.forget_plugin(name)
             folder = installed.version_dir(self.config.state_dir, name, record.version)
+            image = None
             with contextlib.suppress(TuxPilotError, OSError):  # a broken manifest: nothing more of it is known
-                await self._uninstall(folder, await asyncio.to_thread(load_manifest, folder))
+                manifest = await asyncio.to_thread(load_manifest, folder)
+                await self._uninstall(folder, manifest)
+                image = manifest.image
             records = installed.read(self.config.state_dir)
             records.pop(name, None)
             installed.write(self.config.state_dir, records)
@@ -251,7 +254,7 @@ class Installer(Part):
             await asyncio.to_thread(shutil.rmtree, self.config.state_dir / "plugins" / name, True)
             self._forget_grants(name)
         log.info("remove.done", plugin=name, version=record.version)
-        return {"plugin": name, "version": record.version, "removed": True}
+        return {"plugin": name, "version": record.version, "removed": True} | ({"image": image} if image else {})
 
     # -- steps --------------------------------------------------------------------------------------
 

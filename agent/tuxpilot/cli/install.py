@@ -148,7 +148,8 @@ def describe(verb: str, doc: dict[str, Any]) -> list[str]:
     """What an agent did, in a few lines: the version, where from, who signed it, what it may do."""
     name, version = doc.get("plugin"), doc.get("version")
     if verb == "remove":
-        return [f"removed {name} {version}: its process, files, credentials, consumer, registry entry and grants"]
+        tail = f", grants and image {doc['image']}" if doc.get("image") else " and grants"
+        return [f"removed {name} {version}: its process, files, credentials, consumer, registry entry{tail}"]
     previous = f" (was {doc['previous']})" if doc.get("previous") else ""
     signer = "UNSIGNED"
     if doc.get("signed"):
