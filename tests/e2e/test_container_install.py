@@ -162,6 +162,8 @@ def serve_update_remove(up: Up, signer: keys.Signer, tmp_path: Path) -> None:
             forged = package.build(other, out, signer)
         finally:
             package.image_problem = original
+        with pytest.raises(package.PackageRefused, match=own):  # what a registry checks on publish
+            package.inspect(forged)
         done = up.cli("plugin", "install", str(forged))
         assert done.returncode == 1, done.stdout + done.stderr
         assert ("install: package.tpkg: a packaged container plugin's image is tuxpilot-plugin-boxed:2.0.0 "
