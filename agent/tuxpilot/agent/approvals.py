@@ -78,8 +78,9 @@ def required(policy: ApprovalPolicy, *, key: str, permission: str | None, rule: 
 class ApprovalStore:
     """The approvals bucket for one host: open, read, decide (compare-and-set), list, expire."""
 
-    def __init__(self, nc: Client, subjects: Subjects, keep_s: float = 7 * 24 * 3600.0, replicas: int = 1):
-        self.nc, self.subjects, self.keep_s, self.replicas = nc, subjects, keep_s, replicas
+    def __init__(self, nc: Client, subjects: Subjects, keep_s: float = 7 * 24 * 3600.0, replicas: int = 1, *,
+                 update: bool = True):
+        self.nc, self.subjects, self.keep_s, self.replicas, self.update = nc, subjects, keep_s, replicas, update
         self.next_expiry: datetime | None = None  # the earliest of those the last sweep left pending
         self.kv: KeyValue | None = None
 
@@ -87,6 +88,7 @@ class ApprovalStore:
         self.kv = await bounded_bucket(
             self.nc.jetstream(), approvals_bucket(self.subjects), max_age=self.keep_s, max_bytes=64 * 1024 * 1024,
             replicas=self.replicas, what="TuxPilot: actions held for approval, and what became of them",
+            update=self.update,
         )
 
     def _key(self, approval_id: str) -> str:

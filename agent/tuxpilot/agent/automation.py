@@ -30,13 +30,13 @@ from tuxpilot.agent.approvals import ApprovalStore, Expired, required, timeout_f
 from tuxpilot.agent.rules import Proposed, RuleSet, Throttle, Verdict, event_scope
 from tuxpilot.agent.schedules import Schedule, Schedules, upcoming_times
 from tuxpilot.agent.steps import Case, Stop, action_id
-from tuxpilot.bus.streams import bounded_bucket
+from tuxpilot.bus.streams import SCHEDULES_KEEP_S, SCHEDULES_MAX_BYTES, bounded_bucket
 from tuxpilot.lifetime import Part
 from tuxpilot.protocol import schemas
 from tuxpilot.protocol.approvals import Approval, ApprovalState, Decision
 from tuxpilot.protocol.errors import BadRequest, NotFound, TuxPilotError
 from tuxpilot.protocol.models import Event, Proposal, ProposedAction, Reason, Result, Source, Status, new_id, now
-from tuxpilot.protocol.names import caller_of, gate_queue, proposal_id, schedules_bucket
+from tuxpilot.protocol.names import caller_of, gate_queue, proposal_id, schedule_key, schedules_bucket
 
 if TYPE_CHECKING:
     from tuxpilot.agent.config import Config
@@ -64,7 +64,7 @@ class Automation(Part):
         self.metrics: dict[str, Any] = {}
         self.explained: deque[dict[str, Any]] = deque(maxlen=EXPLAINED_KEPT)
         self.store = ApprovalStore(nc, self.subjects, keep_s=config.approvals.keep_s,
-                                   replicas=config.streams.replicas)
+                                   replicas=config.streams.replicas, update=config.fleet.enrollment is None)
         self.schedules: Schedules | None = None
         self.schedule_refused: dict[str, str] = {}
         self._last_runs: KeyValue | None = None
@@ -79,9 +79,9 @@ class Automation(Part):
     async def start(self) -> None:
         await self.store.start()
         self._last_runs = await bounded_bucket(
-            self.nc.jetstream(), schedules_bucket(self.subjects), max_age=400 * 24 * 3600.0,
-            max_bytes=8 * 1024 * 1024, replicas=self.config.streams.replicas,
-            what="TuxPilot: when each host's schedules last ran",
+            self.nc.jetstream(), schedules_bucket(self.subjects), max_age=SCHEDULES_KEEP_S,
+            max_bytes=SCHEDULES_MAX_BYTES, replicas=self.config.streams.replicas,
+            what="TuxPilot: when each host's schedules last ran", update=self.config.fleet.enrollment is None,
         )
         self.gate.approvals = self
         self.load_rules()
@@ -222,7 +222,7 @@ class Automation(Part):
     async def _last_run(self, name: str) -> datetime | None:
         assert self._last_runs is not None
         try:
-            entry = await self._last_runs.get(f"{self.subjects.host}.{name}")
+            entry = await self._last_runs.get(schedule_key(self.subjects.host, name))
             return datetime.fromisoformat((entry.value or b"").decode())
         except (KeyNotFoundError, ValueError):
             return None
@@ -230,7 +230,7 @@ class Automation(Part):
     async def _save_run(self, name: str, at: datetime) -> None:
         assert self._last_runs is not None
         with contextlib.suppress(Exception):  # only a restart's misfire accounting depends on it
-            await self._last_runs.put(f"{self.subjects.host}.{name}", at.isoformat().encode())
+            await self._last_runs.put(schedule_key(self.subjects.host, name), at.isoformat().encode())
 
     async def fire_schedule(self, spec: Schedule) -> list[Result]:
         await self._save_run(spec.name, datetime.now(UTC))

@@ -144,7 +144,7 @@ class Gate(Part):
         self.registry = registry
         self.steps = list(steps)
         self.cooldowns = Cooldowns()
-        self.ledger = Ledger(nc, self.subjects, config.streams)
+        self.ledger = Ledger(nc, self.subjects, config.streams, update=config.fleet.enrollment is None)
         self.executor: Executor[Case] = Executor(nc, self._on_late, watch_s=config.gate.late_reply_window_s)
         self.rates = ProposalRates()
         self.leases = Leases(nc, self.subjects, {**config.fleet.labels, **config.labels},

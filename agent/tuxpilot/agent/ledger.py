@@ -30,7 +30,7 @@ from nats.js.kv import KeyValue
 from tuxpilot.bus.stored import Publisher
 from tuxpilot.bus.streams import bounded_bucket
 from tuxpilot.protocol.models import new_id
-from tuxpilot.protocol.names import Names, Subjects, cooldown_key
+from tuxpilot.protocol.names import Names, Subjects, claim_key, cooldown_key
 from tuxpilot.settings import StreamsConfig
 
 log = structlog.get_logger("tuxpilot.ledger")
@@ -46,7 +46,8 @@ _WRONG_LAST_SEQUENCE = (10071, 10164)
 
 
 class Ledger:
-    def __init__(self, nc: Client, subjects: Subjects, cfg: StreamsConfig):
+    def __init__(self, nc: Client, subjects: Subjects, cfg: StreamsConfig, *, update: bool = True):
+        self.update = update  # bring existing buckets to `cfg` (a fleet's host may not: its administrator does)
         self.instance = new_id()
         self._claimed: OrderedDict[str, None] = OrderedDict()
         self.nc = nc
@@ -62,11 +63,12 @@ class Ledger:
         js, cfg = self.nc.jetstream(), self.cfg
         self.executions = await bounded_bucket(
             js, self.names.executions, max_age=cfg.executions_ttl_s, max_bytes=cfg.executions_max_bytes,
-            replicas=cfg.replicas, what="TuxPilot: action ids the gates claimed, and their outcome",
+            replicas=cfg.replicas, what="TuxPilot: action ids the gates claimed, and their outcome", update=self.update,
         )
         self.cooldowns = await bounded_bucket(
             js, self.names.cooldowns, max_age=cfg.cooldowns_max_age_s, max_bytes=cfg.cooldowns_max_bytes,
             replicas=cfg.replicas, what="TuxPilot: when each action last ran on each resource, per host",
+            update=self.update,
         )
 
     async def claim(self, action_id: str) -> dict[str, Any] | None:
@@ -77,7 +79,7 @@ class Ledger:
             await self._create(action_id, json.dumps(record).encode())
         except KeyWrongLastSequenceError:
             try:
-                entry = await self.executions.get(action_id)
+                entry = await self.executions.get(claim_key(self.subjects.host, action_id))
                 earlier: dict[str, Any] = json.loads(entry.value or b"{}")
             except Exception:
                 return {"state": "unknown"}
@@ -97,12 +99,13 @@ class Ledger:
         `create` decides (it also recreates a key whose last value is a delete marker)."""
         assert self.executions is not None
         try:
-            await self.stored.publish(f"$KV.{self.names.executions}.{action_id}", value,
+            key = claim_key(self.subjects.host, action_id)
+            await self.stored.publish(f"$KV.{self.names.executions}.{key}", value,
                                       headers={Header.EXPECTED_LAST_SUBJECT_SEQUENCE: "0"})
         except APIError as exc:
             if exc.err_code not in _WRONG_LAST_SEQUENCE:
                 raise
-            await self.executions.create(action_id, value)  # KeyWrongLastSequenceError: claimed before
+            await self.executions.create(key, value)  # KeyWrongLastSequenceError: claimed before
 
     async def cooldown_since(self, key: str) -> float | None:
         """When the action of cooldown `key` last ran on this host (wall clock), if its cooldown is still kept."""

@@ -118,13 +118,14 @@ async def ensure_streams(js: JetStreamContext, subjects: Subjects, cfg: StreamsC
 
 
 def bucket_config(
-    name: str, *, max_age: float, max_bytes: int, replicas: int = 1, what: str = "", rollups: bool = True
+    name: str, *, max_age: float, max_bytes: int, replicas: int = 1, what: str = "", rollups: bool = False
 ) -> StreamConfig:
     """A KV bucket's stream with TuxPilot's bounds: an age, a size, per-message TTLs allowed.
 
     When full it drops its oldest keys (discard old) instead of refusing new writes: a bucket that
     one plugin's flood filled must not stop the gate from claiming or pacing anyone's actions.
-    `rollups` off where a writer of one key must not be able to purge the others.
+    No rollups by default: a writer allowed one key of a shared bucket could otherwise purge every key
+    (`Nats-Rollup: all` on its own); nothing TuxPilot writes there uses one.
     """
     return StreamConfig(
         name=KV_STREAM_TEMPLATE.format(bucket=name),
@@ -145,16 +146,24 @@ def bucket_config(
 
 
 async def bounded_bucket(
-    js: JetStreamContext, name: str, *, max_age: float, max_bytes: int, replicas: int = 1, what: str = ""
+    js: JetStreamContext, name: str, *, max_age: float, max_bytes: int, replicas: int = 1, what: str = "",
+    update: bool = True,
 ) -> KeyValue:
-    """Create the bucket, or bring an existing one (perhaps from an older version) to these bounds."""
+    """Create the bucket, or (`update`) bring an existing one (perhaps from an older version) to these bounds.
+    A fleet's host passes `update=False`: its administrator configures the shared buckets (`fleet/hub.py`),
+    and the host's key may not change them."""
     config = bucket_config(name, max_age=max_age, max_bytes=max_bytes, replicas=replicas, what=what)
     try:
         await js.add_stream(config)
     except BadRequestError:
-        await js.update_stream(config)
+        if update:
+            await js.update_stream(config)
     return await js.key_value(name)
 
+
+# The schedules bucket (`agent/automation.py`): a yearly schedule's last run must outlive a year.
+SCHEDULES_KEEP_S = 400 * 24 * 3600.0
+SCHEDULES_MAX_BYTES = 8 * 1024 * 1024
 
 LEASES_KEEP_S = 24 * 3600.0
 LEASES_MAX_BYTES = 64 * 1024 * 1024

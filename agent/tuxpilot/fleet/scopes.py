@@ -14,11 +14,15 @@ from tuxpilot.protocol.names import (
     FLEET_INBOX,
     Names,
     Subjects,
+    approvals_bucket,
     fleet_bucket,
     inbox_prefix,
     leaf_deliver,
     leaf_domain,
     leases_bucket,
+    package_index_bucket,
+    packages_bucket,
+    schedules_bucket,
 )
 
 ROLES = ("agent", "operator", "plugin", "leaf")
@@ -36,19 +40,41 @@ def agent_permissions(subjects: Subjects) -> tuple[list[str], list[str]]:
     # …and every targeted host's agent (installing a plugin fleet-wide) likewise.
     fleet_control = subjects.fleet_agent("*")
     beat = f"$KV.{fleet_bucket(subjects)}.{subjects.host}"  # its own heartbeat key, no other host's
-    publish = [*user.publish, *([private] if private not in user.publish else []), beat]
+    # In every bucket the hosts share, its own keys only: each key starts with the host (`<host>.…`), so a
+    # host can neither take another's claim or cooldown, nor rewrite its registry entries, plugin states,
+    # approvals or schedule times. (On a single host the agent's user keeps the whole buckets.)
+    shared = {f"$KV.{bucket}.>": f"$KV.{bucket}.{subjects.host}.>" for bucket in host_keyed_buckets(subjects)}
+    publish = [shared.get(s, s) for s in user.publish]
+    publish += [*([private] if private not in publish else []), beat]
     return publish, [*user.subscribe, fleet_calls, fleet_control]
 
 
+def host_keyed_buckets(subjects: Subjects) -> list[str]:
+    """The shared buckets whose keys all begin with the host that writes them (docs/protocol.md, KV keys)."""
+    names = Names.of(subjects)
+    return [names.executions, names.cooldowns, names.plugins, names.plugin_state, approvals_bucket(subjects),
+            schedules_bucket(subjects)]
+
+
+def shared_streams(subjects: Subjects) -> list[str]:
+    """Every stream the fleet's hosts share (buckets by their streams): the fleet's administrator creates and
+    configures them (`fleet/hub.py`), no host."""
+    names, packages = Names.of(subjects), packages_bucket(subjects)
+    buckets = [*host_keyed_buckets(subjects), fleet_bucket(subjects), leases_bucket(subjects),
+               package_index_bucket(packages)]
+    return [names.events, names.proposals, names.audit, *(f"KV_{b}" for b in buckets), f"OBJ_{packages}"]
+
+
 def agent_denied(subjects: Subjects) -> list[str]:
-    """What the agent's `$JS.API.>` must not reach in streams every host shares: nothing that rewrites,
-    empties or deletes the audit trail or the lease bucket (a host could otherwise drop another's records
-    or leases), and the lease bucket is created by the fleet's administrator, not by a host (which could
-    create it allowing rollups, one of which purges every key)."""
-    audit, leases = Names.of(subjects).audit, f"KV_{leases_bucket(subjects)}"
+    """What the agent's `$JS.API.>` must not reach in the streams every host shares: nothing that rewrites,
+    empties or deletes one (a host could otherwise drop another's events, proposals, records, claims or
+    leases, or turn rollups on in a bucket, one of which purges every key). The lease bucket is not even
+    created by a host; the others a host creates when missing (a single host, or a fleet whose
+    administrator has not prepared the hub yet), as configured, and cannot change once they exist."""
     verbs = ("UPDATE", "DELETE", "PURGE", "MSG.DELETE")
-    return [*(f"$JS.API.STREAM.{v}.{audit}" for v in verbs),
-            *(f"$JS.API.STREAM.{v}.{leases}" for v in (*verbs, "CREATE"))]
+    leases = f"KV_{leases_bucket(subjects)}"
+    return [*(f"$JS.API.STREAM.{v}.{s}" for s in shared_streams(subjects) for v in verbs),
+            f"$JS.API.STREAM.CREATE.{leases}"]
 
 
 def leaf_permissions(subjects: Subjects) -> tuple[list[str], list[str]]:

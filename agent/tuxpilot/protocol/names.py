@@ -179,6 +179,17 @@ def operator_consumer_name(host: str) -> str:
     return f"op_{host}"
 
 
+def claim_key(host: str, action_id: str) -> str:
+    """An action's claim in the executions bucket: `<host>.<action id>`, so that a key template can keep a
+    host on its own claims (an action id is a hash of its event, and events are per host)."""
+    return f"{host}.{action_id}"
+
+
+def schedule_key(host: str, schedule: str) -> str:
+    """When one of a host's schedules last ran, in the schedules bucket."""
+    return f"{host}.{schedule}"
+
+
 def cooldown_key(host: str, key: str) -> str:
     """A cooldown's key in the cooldowns bucket: per host, the (plugin.action:resource) key hashed, since
     KV keys allow only `[-/_=.a-zA-Z0-9]` and resources ("/var/lib", container names) need not."""
