@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from collections.abc import Awaitable, Callable
 
@@ -83,5 +84,15 @@ class Heartbeat:
                 continue
             self._said_lost.add((host, st.beat.at))
             log.warning("fleet.host_lost", host=host, last_beat=st.beat.at)
-            await self.publish(Event.new("fleet.host_lost", self.host, data={"lost": host, "last_beat": st.beat.at,
-                                                                            "labels": st.beat.labels}))
+            event = Event.new("fleet.host_lost", self.host, data={"lost": host, "last_beat": st.beat.at,
+                                                                 "labels": st.beat.labels})
+            # One loss, one id, whoever says it: on a loaded machine two hosts can each think themselves the
+            # smallest alive one for a tick, and the events stream keeps the first and drops the other
+            # (the id is the message id), so a plugin's durable consumer sees the loss once.
+            event.id = lost_event_id(host, st.beat.at)
+            await self.publish(event)
+
+
+def lost_event_id(host: str, last_beat: float) -> str:
+    """The id of the `fleet.host_lost` event for `host` silent since `last_beat`, the same on every host."""
+    return hashlib.sha256(f"fleet.host_lost\0{host}\0{last_beat!r}".encode()).hexdigest()[:32]

@@ -214,6 +214,8 @@ def plugin_dev(
             running.add_signal_handler(sig, stop.set)
         await loop_.run(config, stop, use_embedded=embedded)
         out.print("dev  stopped", markup=False, style="bold")
+        if loop_.failed:
+            raise typer.Exit(1)
 
     run_async(main())
 

@@ -108,6 +108,7 @@ class DevLoop:
         self.emit = emit
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
+        self.failed = False  # the session ended on an error (its watcher could not watch)
 
     # -- the target -------------------------------------------------------------------------------
 
@@ -164,6 +165,7 @@ class DevLoop:
         async with contextlib.AsyncExitStack() as stack:
             await self._view(target, stack)
             watcher = asyncio.create_task(self._watch(changes, stop))
+            watcher.add_done_callback(lambda task: self._watch_ended(task, stop))
             stack.callback(watcher.cancel)
             changed: set[str] = set()
             while not stop.is_set():
@@ -195,6 +197,18 @@ class DevLoop:
                     shown = _changed(self.folder, changed)
                     self.restarts += 1
                     self.show("dev", f"changed: {shown}; restarting (restart {self.restarts})")
+
+    def _watch_ended(self, task: asyncio.Task[None], stop: asyncio.Event) -> None:
+        """A watcher that cannot watch (no watchfiles, no inotify instance left) ends the session loudly:
+        a dev loop that silently stops restarting on changes is worse than none."""
+        if task.cancelled() or stop.is_set():
+            return
+        exc = task.exception()
+        why = f"{type(exc).__name__}: {exc}" if exc is not None else "it ended"
+        log.error("dev.watch_failed", folder=str(self.folder), error=why)
+        self.show("dev", f"error: cannot watch {self.folder} for changes ({why}); stopping")
+        self.failed = True
+        stop.set()
 
     async def _watch(self, changes: asyncio.Queue[set[str]], stop: asyncio.Event) -> None:
         from watchfiles import awatch
