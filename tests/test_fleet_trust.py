@@ -100,6 +100,8 @@ async def test_a_host_cannot_touch_another_hosts_shared_state(
             (f"$JS.API.STREAM.MSG.DELETE.{NAMES.proposals}", b'{"seq": 1}'),  # drop a proposal
             # Keep one audit record per subject: every host's trail would lose its history.
             (f"$JS.API.STREAM.UPDATE.{NAMES.audit}", json.dumps({**audit_config, "max_msgs_per_subject": 1}).encode()),
+            # A stream of its own on web-1's public endpoints: its acks would answer web-1's callers first.
+            ("$JS.API.STREAM.CREATE.grab", json.dumps({"name": "grab", "subjects": ["tuxpilot.act.web-1.>"]}).encode()),
         ]
         for subject, body in attacks:
             await evil.publish(subject, body, reply=f"{scopes.inbox_of('agent', Subjects('tuxpilot', 'web-2'))}.x")
@@ -118,6 +120,7 @@ async def test_a_host_cannot_touch_another_hosts_shared_state(
         for s, n in before.items():
             assert (await ajs.stream_info(s)).state.messages == n, s
         assert (await ajs.stream_info(NAMES.audit)).config.max_msgs_per_subject != 1
+        assert "grab" not in [s.config.name for s in await ajs.streams_info()]
         kv = f"$KV.{NAMES.plugins}.{registry_key('web-1', 'fixer')}"
         assert (await ajs.get_last_msg(f"KV_{NAMES.plugins}", kv)).data == entry
         got = await ajs.get_last_msg("KV_tuxpilot_fleet", "$KV.tuxpilot_fleet.web-1")

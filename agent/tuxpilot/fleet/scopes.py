@@ -44,9 +44,20 @@ def agent_permissions(subjects: Subjects) -> tuple[list[str], list[str]]:
     # host can neither take another's claim or cooldown, nor rewrite its registry entries, plugin states,
     # approvals or schedule times. (On a single host the agent's user keeps the whole buckets.)
     shared = {f"$KV.{bucket}.>": f"$KV.{bucket}.{subjects.host}.>" for bucket in host_keyed_buckets(subjects)}
-    publish = [shared.get(s, s) for s in user.publish]
-    publish += [*([private] if private not in publish else []), beat]
+    publish = [shared.get(s, s) for s in user.publish if s != "$JS.API.>"]
+    publish += [*([private] if private not in publish else []), beat, *agent_js_api(subjects)]
     return publish, [*user.subscribe, fleet_calls, fleet_control]
+
+
+def agent_js_api(subjects: Subjects) -> list[str]:
+    """The JetStream API a fleet host's agent uses, instead of all of it: reading streams and buckets, the
+    consumers it keeps, and creating a shared stream or bucket when it is missing. No other stream: one of
+    its own could capture another host's subjects (`P.act.<host>.>`: its acknowledgements would answer the
+    callers of that host's gate before the gate does) or source or mirror any stream."""
+    creatable = [s for s in shared_streams(subjects) if s != f"KV_{leases_bucket(subjects)}"]
+    return ["$JS.API.INFO", "$JS.API.STREAM.INFO.>", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.LIST",
+            "$JS.API.STREAM.MSG.GET.>", "$JS.API.DIRECT.GET.>", "$JS.API.CONSUMER.>",
+            *(f"$JS.API.STREAM.CREATE.{s}" for s in creatable)]
 
 
 def host_keyed_buckets(subjects: Subjects) -> list[str]:
