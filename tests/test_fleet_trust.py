@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client
 from tuxpilot.agent.steps import action_id
+from tuxpilot.bus.registry import open_bucket
 from tuxpilot.bus.server import NatsServer
 from tuxpilot.fleet import admin, hub, member, scopes
 from tuxpilot.protocol.models import Event
@@ -137,4 +138,31 @@ async def test_a_host_cannot_touch_another_hosts_shared_state(
         await evil.jetstream(timeout=2).publish("$KV.tuxpilot_fleet.web-2", b"{}")
     finally:
         for nc in (evil, admin_nc):
+            await nc.close()
+
+
+async def test_the_hub_takes_rollups_off_a_bucket_a_host_made(
+    tmp_path: Path, fleet_dir: Path, fleet_server: NatsServer, sys_nc: Client  # noqa: F811
+) -> None:
+    """A host that came first made the registry bucket as nats.py makes one (rollups allowed): `fleet enroll`
+    (hub.prepare) takes them off, and from then on a rollup on the host's own key purges nothing."""
+    fleet, _ = admin.enroll(fleet_dir, "web-1", {"role": "web"})
+    await admin.push(sys_nc, fleet)
+    enrollment = member.load_enrollment(fleet_dir / "hosts" / "web-1.json")
+    host = await connect_creds(fleet_server, member.write_creds(tmp_path / "web-1", enrollment, "agent"),
+                               scopes.inbox_of("agent", Subjects("tuxpilot", "web-1")))
+    admin_nc = await connect_creds(fleet_server, fleet_dir / "admin.creds")
+    try:
+        kv = await open_bucket(host.jetstream(), Subjects("tuxpilot", "web-1"))
+        await kv.put(registry_key("web-1", "fixer"), b"{}")
+        stream = f"KV_{NAMES.plugins}"
+        assert (await admin_nc.jetstream().stream_info(stream)).config.allow_rollup_hdrs
+        await hub.prepare(admin_nc, admin.load(fleet_dir))
+        assert not (await admin_nc.jetstream().stream_info(stream)).config.allow_rollup_hdrs
+        with pytest.raises(Exception, match=r"(?i)rollup"):
+            await host.jetstream(timeout=2).publish(f"$KV.{NAMES.plugins}.web-1.other", b"{}",
+                                                    headers={"Nats-Rollup": "all"})
+        assert (await admin_nc.jetstream().stream_info(stream)).state.messages == 1
+    finally:
+        for nc in (host, admin_nc):
             await nc.close()
