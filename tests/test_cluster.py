@@ -111,7 +111,15 @@ async def test_three_replicas_and_a_killed_node_loses_nothing(
             await until(lambda: len(ran) == total, 90, f"{total} distinct executions")
         except AssertionError as exc:
             missing = sorted(set(range(total)) - set(ran))
-            raise AssertionError(f"{exc}: missing {len(missing)}: {missing[:20]}") from None
+            states = []
+            for stream, consumer in ((names.events, "counter-test-host"), (names.proposals, "gate-test-host")):
+                try:
+                    ci = await producer.jetstream().consumer_info(stream, consumer)
+                    states.append(f"{consumer}: pending={ci.num_pending} ack_pending={ci.num_ack_pending} "
+                                  f"redelivered={ci.num_redelivered} delivered={ci.delivered} ack_floor={ci.ack_floor}")
+                except Exception as err:
+                    states.append(f"{consumer}: {err!r}")
+            raise AssertionError(f"{exc}: missing {len(missing)}: {missing[:20]}; {states}") from None
         await asyncio.sleep(1.0)  # let any duplicate show itself
         assert sorted(ran) == list(range(total)), "an event was lost"
         assert max(ran.values()) == 1, f"ran twice: {[s for s, n in ran.items() if n > 1]}"

@@ -24,8 +24,9 @@ from typing import Any, Protocol
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import NoRespondersError
+from nats.errors import ConnectionClosedError, ConnectionReconnectingError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
+from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 from nats.micro import add_service
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 from nats.micro.service import Service
@@ -75,6 +76,12 @@ GATE_PLUGIN, GATE_ACTION = "gate", "proposal"
 # Records about a plugin's proposals as a whole (the rate limit's summaries): `<plugin>.proposal`.
 PROPOSALS_ACTION = "proposal"
 BACKPRESSURE_DELAY_S = 0.5
+# A proposal the bus could not decide for now (no stream leader, no ack in time, reconnecting) comes back.
+RETRY_DELAY_S = 1.0
+BUS_UNAVAILABLE: tuple[type[Exception], ...] = (
+    NoStreamResponseError, ServiceUnavailableError, NoRespondersError, NatsTimeout,
+    ConnectionClosedError, ConnectionReconnectingError,
+)
 RECORD_ATTEMPTS = 10
 UNAVAILABLE_RETRY_S = 0.1
 RATE_SUMMARY_POLL_S = 1.0
@@ -283,6 +290,15 @@ class Gate(Part):
             return
         try:
             await self.handle_proposal(proposal, proposer)
+        except BUS_UNAVAILABLE as exc:
+            # The bus could not store the claim or the record right now (a replicated stream electing a
+            # new leader after a server died, a reconnect): nothing was decided for good, so the proposal
+            # waits in its stream and comes back, where the claim keeps an action from running twice.
+            log.warning("gate.retry_later", proposal_id=proposal.id, plugin=proposer,
+                        error=f"{type(exc).__name__}: {exc}", delivered=msg.metadata.num_delivered)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=RETRY_DELAY_S)
+            return
         except Exception as exc:  # never redeliver forever: say so on the record, and move on
             log.exception("gate.failed", proposal_id=proposal.id, plugin=proposer)
             await self.refuse(TuxPilotError(f"the gate failed on this proposal: {error_doc(exc)['message']}"), proposer)

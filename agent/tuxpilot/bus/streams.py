@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.client import KV_STREAM_TEMPLATE
@@ -114,7 +115,27 @@ async def ensure_streams(js: JetStreamContext, subjects: Subjects, cfg: StreamsC
         except BadRequestError:
             if update:
                 await js.update_stream(config)
+        await wait_for_leader(js, config)
         log.debug("streams.ready", stream=config.name)
+
+
+async def wait_for_leader(js: JetStreamContext, config: StreamConfig, *, limit_s: float = 15.0) -> None:
+    """A replicated stream just created takes writes once its replicas have elected a leader; until then
+    a publish finds no responder. Wait for it (a single server's stream has its leader at once)."""
+    if (config.num_replicas or 1) <= 1 or config.name is None:
+        return
+    deadline = asyncio.get_running_loop().time() + limit_s
+    while True:
+        try:
+            info = await js.stream_info(config.name)
+            if info.cluster is not None and info.cluster.leader:
+                return
+        except (NatsError, TimeoutError) as exc:
+            log.debug("streams.no_leader_yet", stream=config.name, error=type(exc).__name__)
+        if asyncio.get_running_loop().time() > deadline:
+            log.warning("streams.no_leader", stream=config.name, waited_s=limit_s)
+            return  # the caller's first write says what is wrong
+        await asyncio.sleep(0.1)
 
 
 def bucket_config(
@@ -158,6 +179,7 @@ async def bounded_bucket(
     except BadRequestError:
         if update:
             await js.update_stream(config)
+    await wait_for_leader(js, config)
     return await js.key_value(name)
 
 
@@ -186,6 +208,7 @@ async def ensure_leases_bucket(js: JetStreamContext, subjects: Subjects, replica
         await js.add_stream(config)
     except BadRequestError:
         await js.update_stream(config)
+    await wait_for_leader(js, config)
 
 
 async def bucket_entries(
