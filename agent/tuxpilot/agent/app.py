@@ -15,7 +15,8 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, TypeVar
 
 import psutil
 import structlog
@@ -50,6 +51,7 @@ from tuxpilot.bus.streams import (
 )
 from tuxpilot.fleet import member
 from tuxpilot.fleet.heartbeat import open_heartbeats
+from tuxpilot.lifetime import cancel
 from tuxpilot.protocol.errors import ConfigError, Unavailable
 from tuxpilot.protocol.manifest import Manifest, builtin_dir
 from tuxpilot.protocol.models import Event, Metrics, Result, now
@@ -66,6 +68,9 @@ DEAD_LETTER_ACTION = "on_event"
 CONFIG_POLL_S = 1.0
 # SIGTERM or Ctrl-C ends the process within this, whatever it was waiting for.
 STOP_LIMIT_S = 8.0
+T = TypeVar("T")
+# One part's stop (`enter`); the gate's may wait for an action in flight (`gate.action_timeout_s`, twice).
+PART_STOP_LIMIT_S = 30.0
 EXIT_FORCED = 1
 
 
@@ -120,6 +125,30 @@ def select_plugins(config: Config) -> LocalPlugins:
 def local_plugins(config: Config) -> dict[str, tuple[Path, Manifest]]:
     """The plugins `config.run_plugins` names that this host runs."""
     return select_plugins(config).run
+
+
+async def enter(stack: contextlib.AsyncExitStack, part: contextlib.AbstractAsyncContextManager[T]) -> T:
+    """`stack.enter_async_context(part)`, with the part's stop bounded by `PART_STOP_LIMIT_S`: a part that
+    cannot stop is logged with where it waits, cancelled, and the parts below it still stop (the
+    embedded server above all)."""
+    value = await part.__aenter__()
+    name = getattr(getattr(part, "gen", None), "__name__", None) or type(part).__name__
+
+    async def bounded_exit(*exc: Any) -> bool:
+        exiting = asyncio.ensure_future(part.__aexit__(*exc))
+        done, _ = await asyncio.wait({exiting}, timeout=PART_STOP_LIMIT_S)
+        if exiting in done:
+            return bool(exiting.result())
+        others = [t for t in asyncio.all_tasks() if t is not exiting and t is not asyncio.current_task()]
+        log.error("agent.part_stop_timeout", part=name, limit_s=PART_STOP_LIMIT_S,
+                  waiting_in=_where(exiting, getattr(part, "gen", None)),
+                  tasks=[_where(t) for t in others][:20])
+        exiting.cancel()
+        await asyncio.wait({exiting}, timeout=PART_STOP_LIMIT_S)
+        return False
+
+    stack.push_async_exit(bounded_exit)
+    return value
 
 
 @contextlib.asynccontextmanager
@@ -178,9 +207,7 @@ async def background(work: Coroutine[Any, Any, None], *, name: str) -> AsyncIter
     try:
         yield task
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel(task)
 
 
 class Agent:
@@ -254,7 +281,7 @@ class Agent:
                 nats_cfg = cfg.nats.model_copy(
                     update={"user_file": auth.credential_file(cfg.state_dir, auth.agent_user(self.subjects).name)}
                 )
-            self.server = await stack.enter_async_context(embedded_server(cfg, authorization))
+            self.server = await enter(stack, embedded_server(cfg, authorization))
             self.url = self.server.url
         else:
             if cfg.fleet.enrollment is not None:
@@ -263,7 +290,8 @@ class Agent:
             if url is None:
                 raise ConfigError("config key nats.url: not set, and no local `tuxpilot up` is running")
             self.url = url
-        self.nc = nc = await stack.enter_async_context(
+        self.nc = nc = await enter(
+            stack,
             connection(nats_cfg, self.url, name=f"tuxpilot-agent-{cfg.host_id}", on_reconnect=self._on_reconnect)
         )
         js = nc.jetstream()
@@ -277,7 +305,8 @@ class Agent:
         await open_bucket(js, self.subjects, cfg.streams.replicas)
         for name, (_, manifest) in plugins.items():
             await create_plugin_consumer(js, manifest, self.subjects, cfg.streams, history=cfg.plugin(name).history)
-        await stack.enter_async_context(
+        await enter(
+            stack,
             background(
                 guard_plugin_consumers(js, self._guarded, self.subjects, cfg.streams, CHECK_EVERY_S),
                 name="consumer-guard",
@@ -285,8 +314,9 @@ class Agent:
         )
         self._states = await state_bucket(js, self.subjects, cfg.streams.replicas)
         await self._refuse(selected)
-        self.outbox = await stack.enter_async_context(Outbox(self._send_event, limit=cfg.monitor.buffer_events))
-        await stack.enter_async_context(
+        self.outbox = await enter(stack, Outbox(self._send_event, limit=cfg.monitor.buffer_events))
+        await enter(
+            stack,
             subscription(
                 nc, f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{Names.of(self.subjects).events}.*",
                 self._on_dead_letter,
@@ -296,30 +326,32 @@ class Agent:
         # registry bucket gets the entries of the plugins it runs.
         installed = {name: f.manifest for name, f in host_plugins(cfg).plugins.items() if f.manifest is not None}
         running = {name: m for name, (_, m) in plugins.items()}
-        self.registry = await stack.enter_async_context(Registry(nc, self.subjects, {**installed, **running}, running))
-        self.gate = await stack.enter_async_context(Gate(nc, cfg, self.registry))
+        self.registry = await enter(stack, Registry(nc, self.subjects, {**installed, **running}, running))
+        self.gate = await enter(stack, Gate(nc, cfg, self.registry))
         if cfg.fleet.enrollment is not None:  # a fleet's host answers fleet-wide calls that target it
-            await stack.enter_async_context(FanOut(nc, self.subjects, cfg.fleet.labels, self.gate))
+            await enter(stack, FanOut(nc, self.subjects, cfg.fleet.labels, self.gate))
             beats = await open_heartbeats(js, self.subjects, cfg.streams.replicas)
-            self.heartbeat = await stack.enter_async_context(
+            self.heartbeat = await enter(
+                stack,
                 Heartbeat(beats, cfg.host_id, cfg.fleet.labels, cfg.fleet.heartbeat_s, self._publish_event)
             )
         # Rules, schedules and approvals act only through the gate.
-        self.automation = await stack.enter_async_context(Automation(nc, cfg, self.gate))
+        self.automation = await enter(stack, Automation(nc, cfg, self.gate))
         # `tuxpilot plugin run` asks it to load a folder
         self.handrun = HandRun(nc, cfg, self.server, plugins, on_loaded=self.gate.add_plugin)
-        await stack.enter_async_context(subscription(nc, self.handrun.subject, self.handrun.handle))
+        await enter(stack, subscription(nc, self.handrun.subject, self.handrun.handle))
         # `tuxpilot plugin install|update|remove` ask it to install from packages
-        self.installer = await stack.enter_async_context(Installer(self))
+        self.installer = await enter(stack, Installer(self))
         if cfg.monitor.enabled:
-            self.monitor = await stack.enter_async_context(
+            self.monitor = await enter(
+                stack,
                 Monitor(cfg.monitor, cfg.host_id, self._publish_event, self._publish_metrics, reader=self.reader)
             )
         if plugins:
             host = PluginHost(cfg, self.url, plugins, report=self._publish_event, publish=self._publish_state)
             host.credentials = credentials
-            self.host = await stack.enter_async_context(host)
-        await stack.enter_async_context(background(self._watch_config(), name="config-watch"))
+            self.host = await enter(stack, host)
+        await enter(stack, background(self._watch_config(), name="config-watch"))
         log.info("agent.started", host=cfg.host_id, url=self.url, plugins=sorted(plugins),
                  not_runnable=sorted(selected.refused))
 
@@ -395,7 +427,7 @@ class Agent:
                                      history=self.config.plugin(name).history)
         if self.host is None:
             host = PluginHost(self.config, self.url, {}, report=self._publish_event, publish=self._publish_state)
-            self.host = await self._stack.enter_async_context(host)
+            self.host = await enter(self._stack, host)
         self._plugins[name] = (folder, manifest)
         if self.gate is not None:
             await self.gate.add_plugin(manifest)
@@ -547,9 +579,7 @@ class Agent:
         stack, self._stack = self._stack, None
         if stack is None:
             return
-        for task in list(self._applying):  # a run_plugins change being applied: the host stops them all anyway
-            task.cancel()
-        await asyncio.gather(*self._applying, return_exceptions=True)
+        await cancel(*self._applying)  # a run_plugins change being applied: the host stops them all anyway
         await stack.aclose()
         log.info("agent.stopped", host=self.config.host_id)
 
@@ -598,3 +628,24 @@ class Agent:
                 with contextlib.suppress(psutil.Error):
                     child.kill()
         os._exit(EXIT_FORCED)
+
+
+def _where(task: asyncio.Future[Any], inner: object = None) -> str:
+    """A task's name and the lines it waits on, outermost first (then those of `inner`, an async generator
+    it resumes, which its own chain cannot reach), for a log line."""
+    if not isinstance(task, asyncio.Task):
+        return "future"
+    frames = _awaiting(task.get_coro()) + _awaiting(inner)
+    lines = [f"{f.f_code.co_filename.rsplit('/', 2)[-1]}:{f.f_lineno} {f.f_code.co_name}" for f in frames]
+    return f"{task.get_name()}: {' > '.join(lines[-6:]) or 'not started'}"
+
+
+def _awaiting(obj: object) -> list[FrameType]:
+    """The frames of a suspended coroutine or generator and of what it awaits, in turn."""
+    frames: list[FrameType] = []
+    while obj is not None and len(frames) < 50:
+        frame = getattr(obj, "cr_frame", None) or getattr(obj, "ag_frame", None) or getattr(obj, "gi_frame", None)
+        if frame is not None:
+            frames.append(frame)
+        obj = getattr(obj, "cr_await", None) or getattr(obj, "ag_await", None) or getattr(obj, "gi_yieldfrom", None)
+    return frames

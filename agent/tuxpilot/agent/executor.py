@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 
+from tuxpilot.lifetime import cancel
 from tuxpilot.protocol.names import ACTION_ID_HEADER
 
 log = structlog.get_logger("tuxpilot.gate")
@@ -80,9 +81,7 @@ class Executor(Generic[T]):
                 await self._sub.unsubscribe()
             except Exception as exc:  # the connection may be gone already
                 log.debug("gate.unsubscribe_failed", error=str(exc)[:200])
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel(*self._tasks)
 
     async def request(self, subject: str, body: bytes, headers: dict[str, str], wait_s: float) -> Msg:
         """One request, sent again (same headers) if the link is restored while it waits.

@@ -50,7 +50,7 @@ from tuxpilot.agent.steps import (
 )
 from tuxpilot.bus.consumer import Durable
 from tuxpilot.bus.streams import ensure_streams
-from tuxpilot.lifetime import Part
+from tuxpilot.lifetime import Part, cancel
 from tuxpilot.protocol import schemas
 from tuxpilot.protocol.errors import STATUS_CODES, BadRequest, TuxPilotError, error_doc
 from tuxpilot.protocol.manifest import Manifest
@@ -249,9 +249,7 @@ class Gate(Part):
         if self._calls:
             await asyncio.wait(list(self._calls), timeout=self.config.gate.action_timeout_s)
         if self._rates_task is not None:
-            self._rates_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._rates_task
+            await cancel(self._rates_task)
         for window in self.rates.flush():
             await self._record_rate_summary(window)
         await self.executor.stop()

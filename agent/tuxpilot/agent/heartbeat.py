@@ -8,7 +8,6 @@ last beat has grown older than its ttl. Plugins subscribe to both like any event
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
@@ -19,6 +18,7 @@ from nats.js.kv import KeyValue
 
 from tuxpilot import __version__
 from tuxpilot.fleet.heartbeat import Beat, judge, read_beat
+from tuxpilot.lifetime import cancel
 from tuxpilot.protocol.models import Event
 
 log = structlog.get_logger("tuxpilot.heartbeat")
@@ -50,9 +50,7 @@ class Heartbeat:
 
     async def __aexit__(self, *exc: object) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel(self._task)
 
     async def beat(self) -> None:
         doc = Beat(host=self.host, version=__version__, labels=self.labels, plugins=dict(self.plugins),

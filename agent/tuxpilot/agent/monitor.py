@@ -20,7 +20,7 @@ import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from tuxpilot.agent.config import CheckConfig, MonitorConfig
-from tuxpilot.lifetime import Part
+from tuxpilot.lifetime import Part, cancel
 from tuxpilot.protocol.models import DiskUsage, Event, Metrics, Severity, Usage
 
 log = structlog.get_logger("tuxpilot.monitor")
@@ -410,9 +410,7 @@ class Monitor(Part):
             await asyncio.wait(set(self._running), timeout=STOP_GRACE_S)
         if self._running:
             self._cancelled |= self._running
-            for task in self._running:
-                task.cancel()
-            await asyncio.gather(*self._running, return_exceptions=True)
+            await cancel(*self._running)
         scheduler.shutdown(wait=False)
         # AsyncIOScheduler shuts down (and cancels its timer) on the next loop iteration.
         await asyncio.sleep(0)

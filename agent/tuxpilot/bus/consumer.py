@@ -24,6 +24,8 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from tuxpilot.lifetime import cancel
+
 log = structlog.get_logger("tuxpilot.consumer")
 
 Handler = Callable[[Msg], Awaitable[None]]
@@ -117,9 +119,7 @@ class Durable:
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop pulling, give handlers in flight `grace_s` to finish (unacked ones are redelivered)."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel(self._task)
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=grace_s)
         for task in list(self._tasks):

@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from tuxpilot.lifetime import Part
+from tuxpilot.lifetime import Part, cancel
 from tuxpilot.protocol import launch
 from tuxpilot.protocol.errors import TuxPilotError
 from tuxpilot.protocol.manifest import Manifest, Permission
@@ -187,9 +187,7 @@ class PluginHost(Part):
                 with contextlib.suppress(ProcessLookupError):
                     plugin.proc.kill()
                 await plugin.proc.wait()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel(*self._tasks)
         for plugin in self.plugins.values():
             if plugin.plan is not None and plugin.plan.refused is None:
                 await self._state(plugin, "stopped")
@@ -220,9 +218,7 @@ class PluginHost(Part):
                     proc.kill()
                 await proc.wait()
         for task in [t for t in self._tasks if t.get_name() == f"plugin-{name}"]:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel(task)
             self._tasks.remove(task)
         # A process started between the signal and the cancel would outlive its supervisor.
         if plugin.proc is not None and plugin.proc is not proc and plugin.proc.returncode is None:

@@ -47,6 +47,7 @@ from tuxpilot.bus import connect as bus
 from tuxpilot.bus import streams
 from tuxpilot.bus.consumer import Durable, redelivery_delay
 from tuxpilot.bus.stored import Publisher
+from tuxpilot.lifetime import cancel
 from tuxpilot.protocol import launch, schemas
 from tuxpilot.protocol.errors import (
     ConfigError,
@@ -399,9 +400,7 @@ class _Running:
         if self.service is not None:
             with contextlib.suppress(Exception):
                 await self.service.stop()
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await cancel(*self.tasks)
         for fn in self.plugin._on_stop:
             with contextlib.suppress(Exception):
                 await _call(fn, self.context())
