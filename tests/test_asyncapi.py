@@ -50,6 +50,7 @@ def test_addresses_come_from_the_subject_builders() -> None:
     concrete = {
         "event": s.event("memory.high"),
         "proposal": s.proposal("sysmon"),
+        "handoff": s.handoff("sysmon"),
         "exec": s.exec("sysmon", "top_processes"),
         "act": s.act("sysmon", "top_processes"),
         "result": s.result("sysmon", "top_processes"),

@@ -152,6 +152,31 @@ async def test_plugin_cannot_forge_events_call_other_plugins_or_listen_to_everyt
         await nc.close()
 
 
+async def test_a_plugin_hands_proposals_over_only_as_itself(secured: Secured) -> None:
+    """The handover subject, like the stored one, carries the proposer in its last token: sysmon asking
+    the gate on demo's gets a permissions violation and no answer, on its own the gate answers."""
+    agent = await secured.connect("agent")
+    handed: list[str] = []
+
+    async def gate(msg: Any) -> None:
+        handed.append(msg.subject)
+        await msg.respond(b'{"decided": 0}')
+
+    await agent.subscribe("tuxpilot.propose.test-host.*", queue="gate", cb=gate)
+    await agent.flush()
+    errors: list[str] = []
+    sysmon = await secured.connect("sysmon", errors)
+    with pytest.raises((NatsTimeout, NoRespondersError)):
+        await sysmon.request("tuxpilot.propose.test-host.demo", proposal("echo"), timeout=1)
+    assert json.loads((await sysmon.request("tuxpilot.propose.test-host.sysmon", b"{}", timeout=2)).data) == {
+        "decided": 0}
+    await asyncio.sleep(0.2)
+    assert handed == ["tuxpilot.propose.test-host.sysmon"]
+    assert 'publish to "tuxpilot.propose.test-host.demo"' in " ".join(errors)
+    for nc in (agent, sysmon):
+        await nc.close()
+
+
 async def test_only_the_agent_reaches_a_plugins_execution_endpoint(secured: Secured) -> None:
     """The private `exec` subject: the operator and other plugins get a permissions violation, the agent a reply."""
     demo = await secured.connect("demo")

@@ -139,8 +139,21 @@ async def test_plugin_kept_to_its_own_endpoint(
             await agent.request("tuxpilot.exec.web-1.sysmon.report", b"{}", timeout=2)
         # Nor may it write another plugin's registry key or propose as another plugin.
         await evil.publish("tuxpilot.proposal.web-1.sysmon", b"{}")
+        await evil.publish("tuxpilot.propose.web-1.sysmon", b"{}")  # nor hand one over as another
         await evil.flush()
         await until(lambda: any("tuxpilot.proposal.web-1.sysmon" in str(e) for e in errors), 5, "refused proposal")
+        await until(lambda: any("tuxpilot.propose.web-1.sysmon" in str(e) for e in errors), 5, "refused handover")
+        # Its own handover reaches its host's gate (the agent's user).
+        handed: list[str] = []
+
+        async def gate(msg: Msg) -> None:
+            handed.append(msg.subject)
+
+        await agent.subscribe("tuxpilot.propose.web-1.*", cb=gate)
+        await agent.flush()
+        await evil.publish("tuxpilot.propose.web-1.evil", b"{}")
+        await evil.flush()
+        await until(lambda: handed == ["tuxpilot.propose.web-1.evil"], 5, "evil's own handover")
         # No bucket key at all, its own included (a `Nats-Rollup: all` there would wipe the registry), and
         # not the public endpoint the gate serves.
         await evil.publish("$KV.tuxpilot_plugins.web-1.evil", b"{}", headers={"Nats-Rollup": "all"})

@@ -42,7 +42,7 @@ from tuxpilot.log import setup as setup_logging
 from tuxpilot.protocol import schemas
 from tuxpilot.protocol.errors import STATUS_CODES, TuxPilotError
 from tuxpilot.protocol.manifest import Manifest
-from tuxpilot.protocol.models import Event
+from tuxpilot.protocol.models import Event, new_id
 from tuxpilot.sdk.plugin import MAX_PARAMS_BYTES, Context, Plugin
 
 from tests.test_gate import DEMO, demo_plugin, proposal
@@ -51,6 +51,7 @@ HOST = "test-host"
 ECHO = f"tuxpilot.exec.{HOST}.demo.echo"
 NOTE = f"tuxpilot.exec.{HOST}.ticker.note"
 PROPOSALS = f"tuxpilot.proposal.{HOST}.demo"  # the stranger holds demo's publish rights
+HANDOFF = f"tuxpilot.propose.{HOST}.demo"  # demo's proposals handed to the gate by request
 RESULTS = f"tuxpilot.result.{HOST}.>"
 TICK = f"tuxpilot.evt.{HOST}.demo.tick"
 CODE_HEADER = "Nats-Service-Error-Code"
@@ -217,10 +218,20 @@ class Rig:
         raw = proposal("echo", {"word": f"good{self.good_sent}"})
         return json.loads(raw)["id"], raw
 
-    async def submit(self, stranger: Client, raw: bytes, n: int, timeout: float = 3.0) -> list[Record]:
-        """Publish `raw`, then a good proposal; wait for the good one's `ok` and `n` other records."""
+    async def submit(self, stranger: Client, raw: bytes, n: int, timeout: float = 3.0, *,
+                     handed: bool = False) -> list[Record]:
+        """Publish `raw` (or hand it to the gate by request: its answer must say decided), then a good
+        proposal; wait for the good one's `ok` and `n` other records."""
         before = len(self.records.seen)
-        await stranger.publish(PROPOSALS, raw)
+        if handed:
+            # A proposal and event id of its own: the stored variant stored these bytes already, and the
+            # gate decides a handed-over proposal once per id (and claims an action once per event).
+            raw = re.sub(rb'^\{"id":"[0-9a-f]+"', b'{"id":"' + new_id().encode() + b'"', raw)
+            raw = raw.replace(b'"ev-1"', b'"ev-handed"')
+            answer = json.loads((await stranger.request(HANDOFF, raw, timeout=timeout)).data)
+            assert isinstance(answer.get("decided"), int), answer
+        else:
+            await stranger.publish(PROPOSALS, raw)
         good_id, good = self.good_proposal()
         await stranger.publish(PROPOSALS, good)
         await stranger.flush()
@@ -502,13 +513,14 @@ def matches(value: Any, want: str | set[str] | None) -> bool:
 
 
 @SHARED
+@pytest.mark.parametrize("handed", [False, True], ids=["stored", "handed"])
 @pytest.mark.parametrize(("raw", "expected"), PROPOSAL_GARBAGE)
 async def test_proposal_garbage_is_refused_on_the_record_while_good_traffic_flows(
-    rig: Rig, stranger: Client, raw: bytes, expected: list[Expect]
+    rig: Rig, stranger: Client, raw: bytes, expected: list[Expect], handed: bool
 ) -> None:
     assert len(raw) < stranger.max_payload
     echoes, notes, goods = rig.demo_calls.count("echo"), len(rig.ticker.notes), rig.good_sent
-    records = await rig.submit(stranger, raw, len(expected))
+    records = await rig.submit(stranger, raw, len(expected), handed=handed)
     assert len(records) == len(expected), (
         f"{len(records)} records for {len(expected)} actions: {[r.brief for r in records]} "
         "(none: the gate failed on it and will redeliver it forever)"
@@ -566,6 +578,27 @@ async def test_a_flood_of_one_proposal_executes_it_exactly_once(rig: Rig, strang
                 stored[doc["status"]] += 1
     await sub.unsubscribe()
     assert stored == {"ok": 1, "duplicate": 1}, stored
+
+
+@SHARED
+async def test_a_flood_of_one_handed_over_proposal_runs_and_is_recorded_once(rig: Rig, stranger: Client) -> None:
+    """300 copies of one proposal handed over at once: the gate decides the first, answers the others
+    as decided (waiting for it), and neither runs nor records them again; a stored copy after them is
+    acked as decided too."""
+    echoes = rig.demo_calls.count("echo")
+    flood = proposal("echo", {"word": "handed flood"})
+    flood_id = json.loads(flood)["id"]
+    answers = await asyncio.gather(*(stranger.request(HANDOFF, flood, timeout=10) for _ in range(300)))
+    assert {json.dumps(json.loads(a.data), sort_keys=True) for a in answers} <= {'{"decided": 0}', '{"decided": 1}'}
+    assert sum(json.loads(a.data)["decided"] for a in answers) == 1
+    await stranger.publish(PROPOSALS, flood)
+    good_id, good = rig.good_proposal()
+    await stranger.publish(PROPOSALS, good)
+    await stranger.flush()
+    assert await until(lambda: bool(rig.records.of(good_id)), 10)
+    await asyncio.sleep(0.3)
+    assert [(r.doc["status"], r.doc.get("reason")) for r in rig.records.of(flood_id)] == [("ok", None)]
+    assert rig.demo_calls.count("echo") - echoes == 2  # the flood's echo once, and the good one
 
 
 # -- C: the events subject --------------------------------------------------------------------------

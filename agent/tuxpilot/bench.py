@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import os
@@ -44,7 +45,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
-from tuxpilot.agent.config import Config
+from tuxpilot.agent.config import Config, handoff_timeout_s
 from tuxpilot.agent.gate import Gate
 from tuxpilot.agent.registry import Registry
 from tuxpilot.bus import connect as bus
@@ -392,7 +393,8 @@ def pipeline_config(base: Config, url: str, state_dir: Path, prefix: str, in_fli
 
 def plugin_env(config: Config, folder: Path) -> dict[str, str]:
     """The plugin process's environment, exactly as the agent's plugin host gives it."""
-    host = PluginHost(config, config.nats.url or "", {BENCH_PLUGIN: (folder, load_manifest(folder))})
+    host = PluginHost(config, config.nats.url or "", {BENCH_PLUGIN: (folder, load_manifest(folder))},
+                      handoff_timeout_s=functools.partial(handoff_timeout_s, config))
     return host.environment(host.plugins[BENCH_PLUGIN])
 
 

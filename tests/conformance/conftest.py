@@ -155,6 +155,8 @@ class Bus:
     operator: Client
     manifest: Manifest
     subjects: Subjects = field(default_factory=lambda: Subjects("tuxpilot", HOST))
+    # Proposals the plugin handed to the gate by request, seen by the agent's user beside the gate.
+    handed: list[Msg] = field(default_factory=list)
 
     @property
     def names(self) -> Names:
@@ -192,11 +194,20 @@ class Bus:
         """The plugin's durable consumer, as the server sees it."""
         return await self.operator.jetstream().consumer_info(self.names.events, plugin_consumer_name(PLUGIN, HOST))
 
-    async def stored_proposals(self) -> list[Msg]:
-        """Every proposal of the plugin that the proposals stream holds (read as the agent: operators may
-        not create consumers)."""
+    async def proposals(self) -> list[Msg]:
+        """Every proposal of the plugin that reached the gate: those stored in the proposals stream and
+        those handed over by request (seen since the rig started)."""
+        return [*await self.stored(self.subjects.proposal(PLUGIN), self.names.proposals), *self.handed]
+
+    async def records(self, event_id: str) -> list[dict[str, Any]]:
+        """The audit records of the plugin's actions proposed for one event."""
+        docs = [json.loads(m.data) for m in await self.stored(self.subjects.results(HOST), self.names.audit)]
+        return [d for d in docs if d.get("event_id") == event_id]
+
+    async def stored(self, subject: str, stream: str) -> list[Msg]:
+        """What a stream holds on `subject` (read as the agent: operators may not create consumers)."""
         js = self.gate.jetstream()
-        sub = await js.subscribe(self.subjects.proposal(PLUGIN), ordered_consumer=True, stream=self.names.proposals)
+        sub = await js.subscribe(subject, ordered_consumer=True, stream=stream)
         found: list[Msg] = []
         try:
             while True:
@@ -260,6 +271,11 @@ async def bus(implementation: Path, tmp_path: Path) -> AsyncIterator[Bus]:
         gate = await _connect(agent.url, auth.credential_file(state, auth.agent_user(subjects).name))
         operator = await _connect(agent.url, auth.credential_file(state, auth.operator_user(subjects).name))
         rig = Bus(agent, gate, operator, load_manifest(implementation), subjects)
+
+        async def handed(msg: Msg) -> None:
+            rig.handed.append(msg)
+
+        await gate.subscribe(subjects.handoff(PLUGIN), cb=handed)
         deadline = asyncio.get_running_loop().time() + 30
         while not await rig.discover("PING", wait=0.2):
             if asyncio.get_running_loop().time() > deadline:

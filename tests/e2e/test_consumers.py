@@ -116,12 +116,21 @@ async def test_operator_cannot_re_point_the_gate_and_a_re_pointed_consumer_is_re
         listed = await asyncio.to_thread(up.cli, "audit", "--json")
         assert listed.returncode == 0, listed.stderr
 
-        # 2. The agent's own user re-points the gate: proposals stored meanwhile are still decided.
+        # 2. The agent's own user re-points the gate: proposals made meanwhile are still decided (handed
+        # over by request, or stored and taken once the gate's consumer is restored), and it is restored.
         await re_point(ajs, "tuxpilot_proposals", GATE)
         first = await emit(up, "attack-1")
-        await until(lambda: first in decided, 30, "the proposal stored while the gate was re-pointed")
-        restored = (await ajs.consumer_info("tuxpilot_proposals", GATE)).config
-        assert differences_of(before, restored) == []
+        await until(lambda: first in decided, 30, "the proposal made while the gate was re-pointed")
+
+        async def restored() -> bool:
+            info = await ajs.consumer_info("tuxpilot_proposals", GATE)
+            return differences_of(before, info.config) == []
+
+        for _ in range(150):
+            if await restored():
+                break
+            await asyncio.sleep(0.2)
+        assert await restored(), "the gate's consumer was not restored"
 
         # 3. The same for a plugin's consumer (the plugin may not restore it; the agent does).
         await re_point(ajs, "tuxpilot_events", SYSMON)

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from tuxpilot.agent.app import Agent
 from tuxpilot.agent.config import Config
 from tuxpilot.agent.monitor import Reading
@@ -70,13 +71,15 @@ async def test_memory_high_ends_in_an_ok_result_with_real_process_data(
 ) -> None:
     _, dial = running
     events = await nc.subscribe("tuxpilot.evt.test-host.memory.*")
-    proposals = await nc.subscribe("tuxpilot.proposal.test-host.*")
+    proposed: asyncio.Queue[Msg] = asyncio.Queue()
+    for subject in ("tuxpilot.proposal.test-host.*", "tuxpilot.propose.test-host.*"):  # stored, or handed over
+        await nc.subscribe(subject, cb=proposed.put)
     results = await nc.subscribe("tuxpilot.result.test-host.sysmon.top_processes")
     dial.memory = 96.0
 
     event = json.loads((await events.next_msg(timeout=10)).data)
     assert event["type"] == "memory.high" and event["value"] == 96.0 and event["source"] == "monitor"
-    proposal = json.loads((await proposals.next_msg(timeout=10)).data)
+    proposal = json.loads((await asyncio.wait_for(proposed.get(), 10)).data)
     assert proposal["event_id"] == event["id"] and proposal["plugin"] == "sysmon"
     assert proposal["actions"][0]["action"] == "top_processes"
     result = json.loads((await results.next_msg(timeout=15)).data)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -26,7 +27,7 @@ from nats.js.kv import KeyValue
 
 from tuxpilot.agent import installed as packages
 from tuxpilot.agent.automation import Automation
-from tuxpilot.agent.config import Config, load_config
+from tuxpilot.agent.config import Config, handoff_timeout_s, load_config
 from tuxpilot.agent.fanout import FanOut
 from tuxpilot.agent.gate import Gate
 from tuxpilot.agent.handrun import HandRun
@@ -348,7 +349,8 @@ class Agent:
                 Monitor(cfg.monitor, cfg.host_id, self._publish_event, self._publish_metrics, reader=self.reader)
             )
         if plugins:
-            host = PluginHost(cfg, self.url, plugins, report=self._publish_event, publish=self._publish_state)
+            host = PluginHost(cfg, self.url, plugins, report=self._publish_event, publish=self._publish_state,
+                              handoff_timeout_s=functools.partial(handoff_timeout_s, cfg))
             host.credentials = credentials
             self.host = await enter(stack, host)
         await enter(stack, background(self._watch_config(), name="config-watch"))
@@ -426,7 +428,8 @@ class Agent:
         await create_plugin_consumer(self.nc.jetstream(), manifest, self.subjects, self.config.streams,
                                      history=self.config.plugin(name).history)
         if self.host is None:
-            host = PluginHost(self.config, self.url, {}, report=self._publish_event, publish=self._publish_state)
+            host = PluginHost(self.config, self.url, {}, report=self._publish_event, publish=self._publish_state,
+                              handoff_timeout_s=functools.partial(handoff_timeout_s, self.config))
             self.host = await enter(self._stack, host)
         self._plugins[name] = (folder, manifest)
         if self.gate is not None:

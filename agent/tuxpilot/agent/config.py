@@ -24,6 +24,10 @@ from tuxpilot.protocol.manifest import FleetLimit, Manifest, Permission
 from tuxpilot.runtimes.settings import HostSettings
 from tuxpilot.settings import EmbeddedConfig, Seconds, Section, load_settings
 
+# A handed-over proposal's wait: the slowest action's timeout and this, at most this share of ack_wait.
+HANDOFF_MARGIN_S = 5.0
+HANDOFF_SHARE_OF_ACK_WAIT = 0.8
+
 
 class CheckConfig(Section):
     enabled: bool = True
@@ -72,6 +76,10 @@ class GateConfig(Section):
     dry_run_actions: list[str] = Field(default_factory=list, description='Actions ("plugin.action") only dry-run.')
     max_payload: Annotated[int, Field(ge=1024)] = Field(256 * 1024, description="Largest proposal accepted, bytes.")
     max_concurrency: Annotated[int, Field(ge=1)] = Field(256, description="Proposals decided at once.")
+    handoff: bool = Field(
+        True, description="Plugins hand their proposals to the gate by request, and store one only when the gate "
+        "does not answer in time (false: every proposal is stored in the proposals stream first)."
+    )
     max_in_flight_per_plugin: Annotated[int, Field(ge=1)] = Field(
         32, description="Actions executing at once per plugin; beyond it proposals wait (back-pressure)."
     )
@@ -205,3 +213,14 @@ def write_private(path: Path, text: str) -> None:
 def load_config(path: Path | None = None, environ: dict[str, str] | None = None) -> Config:
     """The configuration from `path` (or TUXPILOT_CONFIG) and the environment; ConfigError names the bad key."""
     return load_settings(Config, path, environ)
+
+
+def handoff_timeout_s(config: Config, manifest: Manifest) -> float:
+    """How long a plugin waits for the gate to decide a proposal it hands over by request: its slowest
+    action's timeout and a margin for the steps and the record, but well inside its events' `ack_wait`
+    (an event redelivered meanwhile would be proposed again). 0: it stores every proposal instead."""
+    if not config.gate.handoff:
+        return 0.0
+    slowest = max((spec.timeout_s or config.gate.action_timeout_s for spec in manifest.actions.values()),
+                  default=config.gate.action_timeout_s)
+    return min(slowest + HANDOFF_MARGIN_S, config.streams.ack_wait_s * HANDOFF_SHARE_OF_ACK_WAIT)

@@ -32,6 +32,7 @@ from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 from nats.micro.service import Service
 from pydantic import ValidationError
 
+from tuxpilot.agent import handoff
 from tuxpilot.agent.config import Config
 from tuxpilot.agent.executor import Executor
 from tuxpilot.agent.leases import LeaseRefused, Leases
@@ -168,6 +169,9 @@ class Gate(Part):
         self.approvals: Holder | None = None
         # Timed-out cases whose timeout record is not yet stored: a late reply waits for it.
         self._recording: dict[str, asyncio.Event] = {}
+        # Proposals handed over by request (`handoff`): being decided, and decided lately.
+        self.settled = handoff.Settled()
+        self._handoffs: Any = None
 
     # -- what the steps ask (steps.Policy) ---------------------------------------------------------
 
@@ -229,6 +233,8 @@ class Gate(Part):
             metadata={KIND_KEY: GATE_KIND, "host": self.subjects.host},
         )
         await self.consumer.start()
+        self._handoffs = await self.nc.subscribe(self.subjects.handoffs(), queue=gate_queue(self.subjects.host),
+                                                 cb=self._on_handoff)
         await self._serve()
         self._rates_task = asyncio.create_task(self._summarise_rates(), name="gate-rates")
         log.info("gate.started", proposals=self.subjects.proposals(), endpoints=self.subjects.act("*", "*"),
@@ -241,6 +247,9 @@ class Gate(Part):
         return GateLoad(pending=info.num_pending + info.num_ack_pending, in_flight=sum(self.in_flight.values()))
 
     async def stop(self) -> None:
+        if self._handoffs is not None:  # a plugin that gets no answer now stores its proposal
+            with contextlib.suppress(Exception):
+                await self._handoffs.unsubscribe()
         if self.service is not None:
             with contextlib.suppress(Exception):
                 await self.service.stop()
@@ -277,6 +286,9 @@ class Gate(Part):
             await self.refuse(exc, proposer)
             await msg.ack()
             return
+        if await self.settled.settled(proposer, proposal.id):  # handed over by request too, and decided there
+            await msg.ack()
+            return
         if self.busy(proposer):
             # Back-pressure: a plugin that falls behind waits in the stream, not in our slots,
             # so it cannot starve the other plugins' proposals.
@@ -304,6 +316,61 @@ class Gate(Part):
 
     def busy(self, plugin: str) -> bool:
         return self.in_flight.get(plugin, 0) >= self.config.gate.max_in_flight_per_plugin
+
+    # -- proposals handed over by request (`handoff`) ----------------------------------------------
+
+    async def _on_handoff(self, msg: Msg) -> None:
+        task = asyncio.create_task(self._hand_off(msg))  # one at a time per subscription otherwise
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+
+    async def _hand_off(self, msg: Msg) -> None:
+        """Decide a proposal a plugin hands over and answer once its records are stored; or answer `retry`
+        (busy, or the bus cannot store the decision now) and the plugin stores it instead."""
+        proposer = self.subjects.handoff_proposer(msg.subject) or GATE_PLUGIN
+        try:
+            await self._decide_handed(msg, proposer)
+        except BUS_UNAVAILABLE as exc:  # a refusal record the bus could not store: the stored copy gets one
+            log.warning("gate.retry_later", plugin=proposer, error=f"{type(exc).__name__}: {exc}", handed=True)
+            with contextlib.suppress(Exception):
+                await handoff.answer(msg, retry=handoff.BUS_UNAVAILABLE)
+
+    async def _decide_handed(self, msg: Msg, proposer: str) -> None:
+        limit = self.config.gate.proposal_rates.get(proposer, self.config.gate.proposal_rate)
+        ref = (msg.headers or {}).get(MSG_ID_HEADER) or new_id()
+        if not self.rates.admit(proposer, ref, time.time(), limit, self.config.gate.proposal_rate_window_s):
+            await handoff.answer(msg, decided=0)  # over the plugin's rate: dropped, as a stored one would be
+            return
+        try:
+            proposal = parse_proposal(msg.data, self.config.gate.max_payload)
+        except TuxPilotError as exc:
+            await self.refuse(exc, proposer)
+            await handoff.answer(msg, decided=1)
+            return
+        if await self.settled.settled(proposer, proposal.id):  # handed over again (a redelivered event)
+            await handoff.answer(msg, decided=0)
+            return
+        if self.busy(proposer) or sum(self.in_flight.values()) >= self.config.gate.max_concurrency:
+            await handoff.answer(msg, retry=handoff.BUSY)  # it waits in the stream, not in our slots
+            return
+        self.settled.begin(proposer, proposal.id)
+        decided = False
+        try:
+            results = await self.handle_proposal(proposal, proposer)
+            decided = True
+        except BUS_UNAVAILABLE as exc:
+            log.warning("gate.retry_later", proposal_id=proposal.id, plugin=proposer,
+                        error=f"{type(exc).__name__}: {exc}", handed=True)
+            await handoff.answer(msg, retry=handoff.BUS_UNAVAILABLE)
+            return
+        except Exception as exc:  # as on the stored path: said on the record, not retried forever
+            log.exception("gate.failed", proposal_id=proposal.id, plugin=proposer)
+            results = [await self.refuse(
+                TuxPilotError(f"the gate failed on this proposal: {error_doc(exc)['message']}"), proposer)]
+            decided = True
+        finally:
+            self.settled.end(proposer, proposal.id, decided)
+        await handoff.answer(msg, decided=len(results))
 
     async def handle(self, raw: bytes, proposer: str | None = None) -> list[Result]:
         """Take one raw proposal through the gate; returns the recorded results.

@@ -95,6 +95,7 @@ def agent_user(subjects: Subjects) -> User:
             f"{inbox_prefix(name)}.>",
             f"{p}.evt.{h}.>",
             subjects.proposals(),
+            subjects.handoffs(),  # proposals handed over by request, answered once decided
             f"{p}.result.{h}.>",
             subjects.agent_control("*"),  # the operator's requests to this agent (loading a plugin run by hand)
             subjects.approve("*"),  # answers to approvals
@@ -118,8 +119,10 @@ def plugin_user(subjects: Subjects, manifest: Manifest) -> User:
     names, name = Names.of(subjects), plugin_user_name(subjects, n)
     consumer = plugin_consumer_name(n, h)
     publish = [
-        # Its own proposal subject only: the gate reads the proposer from it.
+        # Its own proposal subjects only (stored, and handed over by request): the gate reads the proposer
+        # from them.
         subjects.proposal(n),
+        subjects.handoff(n),
         *(f"{p}.evt.{h}.{category}.*" for category in manifest.emits),
         # Its own durable consumer, created by the agent from the manifest. No KV or stream writes: the
         # registry bucket is the agent's to write.
@@ -191,7 +194,7 @@ def operator_user(subjects: Subjects) -> User:
         role="operator",
         publish=[f"{p}.act.>", f"{p}.evt.>", subjects.agent_control("*"), f"{p}.approve.>", "$SRV.>", *read_js],
         subscribe=[f"{inbox_prefix(name)}.>", f"{p}.evt.>", f"{p}.result.>", f"{p}.metrics.>", f"{p}.proposal.>",
-                   f"{p}.approval.>"],
+                   f"{p}.propose.>", f"{p}.approval.>"],
     )
 
 

@@ -42,7 +42,7 @@ def up(ctx: typer.Context, quiet: Annotated[bool, typer.Option(help="Do not prin
         sys.stdout.flush()
         if not quiet and agent.nc is not None:
             s = agent.subjects
-            for subject in (s.events(host=s.host), s.proposals(), s.results(s.host)):
+            for subject in (s.events(host=s.host), s.proposals(), s.handoffs(), s.results(s.host)):
                 await agent.nc.subscribe(subject, cb=print_msg)
         await runner
 

@@ -87,7 +87,7 @@ def events_tail(
         nc = await connect(config)
         watch = [subjects.events(pattern, host=host)]
         if results:
-            watch += [subjects.proposals(host), subjects.results(host)]
+            watch += [subjects.proposals(host), subjects.handoffs(host), subjects.results(host)]
         try:
             await follow(nc, watch, count, as_json)
         finally:

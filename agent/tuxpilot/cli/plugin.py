@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from tuxpilot.agent.app import host_plugins
-from tuxpilot.agent.config import Config
+from tuxpilot.agent.config import Config, handoff_timeout_s
 from tuxpilot.bus.registry import instances_of
 from tuxpilot.cli import install, market, pdk
 from tuxpilot.cli.common import (
@@ -220,7 +221,8 @@ def _run_javascript(config: Config, folder: Path) -> NoReturn:
         fail("no NATS server: set TUXPILOT_NATS_URL or start `tuxpilot up`", EXIT_UNAVAILABLE)
     nats: NatsConfig = run_async(_plugin_credentials(config, folder))
     run_async(javascript.install(folder, structlog.get_logger("tuxpilot.plugin").bind(plugin=manifest.name)))
-    host = PluginHost(config, url, {manifest.name: (folder, manifest)})
+    host = PluginHost(config, url, {manifest.name: (folder, manifest)},
+                      handoff_timeout_s=functools.partial(handoff_timeout_s, config))
     if nats.user_file is not None:
         host.credentials[manifest.name] = nats.user_file
     plugin = host.plugins[manifest.name]

@@ -123,7 +123,7 @@ def operator_permissions(subjects: Subjects) -> tuple[list[str], list[str]]:
     js = [s for s in single.publish if s.startswith("$JS.") and s not in writing]
     publish = [f"{p}.act.{h}.>", f"{p}.evt.{h}.>", subjects.agent_control("*"), "$SRV.>", *js]
     subscribe = [f"{inbox_prefix(single.name)}.>", f"{p}.evt.{h}.>", f"{p}.result.{h}.>", f"{p}.metrics.{h}",
-                 f"{p}.proposal.{h}", f"{p}.proposal.{h}.>"]
+                 f"{p}.proposal.{h}", f"{p}.proposal.{h}.>", f"{p}.propose.{h}.>"]
     return publish, subscribe
 
 
@@ -137,6 +137,7 @@ def plugin_permissions(subjects: Subjects) -> tuple[list[str], list[str]]:
     consumer = f"{NAME}-{h}"  # plugin_consumer_name(plugin, host)
     publish = [
         f"{p}.proposal.{h}.{NAME}",
+        f"{p}.propose.{h}.{NAME}",
         f"$JS.API.CONSUMER.INFO.{names.events}.{consumer}",
         f"$JS.API.CONSUMER.MSG.NEXT.{names.events}.{consumer}",
         f"$JS.ACK.{names.events}.{consumer}.>",

@@ -295,6 +295,7 @@ async def _event(rig: Embedded, report: Report, pattern: str) -> None:
         await proposals.put(msg)
 
     sub = await rig.operator.subscribe(rig.subjects.proposal(rig.name), cb=seen)
+    handed = await rig.operator.subscribe(rig.subjects.handoff(rig.name), cb=seen)
     try:
         event = Event.new(event_type, rig.subjects.host, source="pdk", value=95.0, threshold=90.0, unit="%",
                           resource="pdk-check")
@@ -303,6 +304,7 @@ async def _event(rig: Embedded, report: Report, pattern: str) -> None:
         await asyncio.sleep(0.2)  # a proposal is published before the ack; let its delivery land
     finally:
         await sub.unsubscribe()
+        await handed.unsubscribe()
     report.add(f"event {event_type}: acked, not redelivered", acked,
                "" if acked else "not acked: the handler failed or hung (the event comes back after its backoff)")
     found: list[Msg] = []

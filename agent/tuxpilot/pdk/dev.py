@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -28,7 +29,7 @@ import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from tuxpilot.agent.config import Config
+from tuxpilot.agent.config import Config, handoff_timeout_s
 from tuxpilot.protocol.errors import ConfigError, TuxPilotError, Unavailable
 from tuxpilot.protocol.manifest import Manifest
 from tuxpilot.protocol.manifest import load as load_manifest
@@ -235,7 +236,8 @@ class DevLoop:
             return cb
 
         subjects = [(s.event(p), "event") for p in manifest.subscribes]
-        subjects += [(s.proposal(manifest.name), "proposal"), (s.result(manifest.name, "*"), "result")]
+        subjects += [(s.proposal(manifest.name), "proposal"), (s.handoff(manifest.name), "proposal"),
+                     (s.result(manifest.name, "*"), "result")]
         for subject, kind in subjects:
             sub = await target.operator.subscribe(subject, cb=shown(kind))
             stack.push_async_callback(sub.unsubscribe)
@@ -308,7 +310,8 @@ class DevLoop:
     def _launch(self, target: Target, manifest: Manifest, user_file: Path | None) -> tuple[list[str], dict[str, str]]:
         from tuxpilot.runtimes.host import PluginHost, launch_of
 
-        host = PluginHost(target.config, target.url, {manifest.name: (self.folder, manifest)})
+        host = PluginHost(target.config, target.url, {manifest.name: (self.folder, manifest)},
+                          handoff_timeout_s=functools.partial(handoff_timeout_s, target.config))
         if user_file is not None:
             host.credentials[manifest.name] = user_file
         plugin = host.plugins[manifest.name]

@@ -176,6 +176,7 @@ async def replay(
                 ]
 
         sub = await rig.operator.subscribe(rig.subjects.proposal(manifest.name), cb=seen)
+        handed = await rig.operator.subscribe(rig.subjects.handoff(manifest.name), cb=seen)
         try:
             last = 0
             for event in events:
@@ -184,6 +185,7 @@ async def replay(
             await asyncio.sleep(SETTLE_S)  # the last proposals' deliveries to our subscription
         finally:
             await sub.unsubscribe()
+            await handed.unsubscribe()
     result.diffs = [EventDiff(e, decisions.get(e.id, []), after.get(e.id, [])) for e in events]
     return result
 

@@ -103,6 +103,20 @@ def _messages() -> dict[str, Any]:
             },
             "payload": _ref("components", "schemas", "proposal"),
         },
+        "handoffAnswer": {
+            "name": "handoffAnswer",
+            "title": "The gate's answer to a proposal handed over",
+            "description": "decided: its records are stored (ack the event); retry: nothing was decided (store the "
+            "proposal on the proposal subject, then ack).",
+            "payload": {
+                "oneOf": [
+                    {"type": "object", "required": ["decided"], "additionalProperties": False,
+                     "properties": {"decided": {"type": "integer", "minimum": 0}}},
+                    {"type": "object", "required": ["retry"], "additionalProperties": False,
+                     "properties": {"retry": {"type": "string", "enum": ["busy", "bus_unavailable"]}}},
+                ],
+            },
+        },
         "params": {
             "name": "params",
             "title": "Action params",
@@ -195,6 +209,9 @@ def document(prefix: str = "tuxpilot") -> dict[str, Any]:
                           "categories in its `emits`.", ["event"]),
         "proposal": _channel(s.proposal(plugin), f"One plugin's proposals, stored in stream {names.proposals}; "
                              "only that plugin's user may publish here.", ["proposal"]),
+        "handoff": _channel(s.handoff(plugin), "One plugin's proposals handed to the host's gate by request (core "
+                            "NATS: nothing stores them); only that plugin's user may publish here.", ["proposal"]),
+        "handoffReply": _channel(None, "The plugin's reply inbox (<inbox_prefix>.<token>).", ["handoffAnswer"]),
         "exec": _channel(s.exec(plugin, action), "The plugin's PRIVATE execution endpoint (a NATS micro endpoint); "
                          "only the agent's user may publish here.", ["params"]),
         "execReply": _channel(None, "The requester's reply inbox (<inbox_prefix>.<token>).", ["result", "error"]),
@@ -221,6 +238,16 @@ def document(prefix: str = "tuxpilot") -> dict[str, Any]:
             "action": "send",
             "channel": _ref("channels", "proposal"),
             "summary": "Publish the proposal through JetStream, with Nats-Msg-Id = the proposal id.",
+        },
+        "handOverProposal": {
+            "action": "send",
+            "channel": _ref("channels", "handoff"),
+            "summary": "Hand the proposal to the gate by request (when the host gives a handover timeout); ack the "
+                       "event on `decided`, store the proposal on anything else or no answer.",
+            "reply": {
+                "channel": _ref("channels", "handoffReply"),
+                "messages": [_ref("channels", "handoffReply", "messages", "handoffAnswer")],
+            },
         },
         "emitEvent": {
             "action": "send",

@@ -33,9 +33,12 @@ LOG_FORMAT = env_name("log", "format")
 MANIFEST = env_name("manifest")
 # runtime = "wasm" only, JSON [{"host": DIR, "guest": DIR, "write": bool}]: the directories the guest may see
 SANDBOX_DIRS = env_name("sandbox_dirs")
+# Seconds a plugin waits for the gate's answer to a proposal handed over by request (`Subjects.handoff`)
+# before it stores the proposal instead; 0 or unset: it stores every proposal, as before handoffs.
+HANDOFF_TIMEOUT = env_name("handoff_timeout_s")
 # Variables the host sets itself, whatever the agent's own environment says.
 HOST_SET = frozenset({PLUGIN, PLUGINS, CONFIG, HOST_ID, SUBJECT_PREFIX, STATE_DIR, NATS_URL, LOG_LEVEL, LOG_FORMAT,
-                      MANIFEST, SANDBOX_DIRS})
+                      MANIFEST, SANDBOX_DIRS, HANDOFF_TIMEOUT})
 
 # Who the agent is on the bus: never passed on to a plugin.
 AGENT_SECRETS = frozenset(env_name("nats", key) for key in ("user", "password", "token", "creds", "user_file"))

@@ -62,6 +62,21 @@ class Subjects:
         tokens = subject[len(head):].split(".")
         return tokens[1] if len(tokens) == 2 and tokens[1] else None
 
+    def handoff(self, plugin: str, host: str | None = None) -> str:
+        """Where one plugin hands a proposal to its host's gate by request (a core subject: nothing stores
+        it); nats-server lets each plugin's user publish only on its own, as with `proposal`."""
+        return f"{self.prefix}.propose.{host or self.host}.{plugin}"
+
+    def handoffs(self, host: str | None = None) -> str:
+        """Every plugin's handoffs on one host: what the gate subscribes to."""
+        return f"{self.prefix}.propose.{host or self.host}.*"
+
+    def handoff_proposer(self, subject: str) -> str | None:
+        """The plugin that handed a proposal over, read from the subject nats-server let it publish on."""
+        head = f"{self.prefix}.propose.{self.host}."
+        plugin = subject[len(head):] if subject.startswith(head) else ""
+        return plugin if plugin and "." not in plugin else None
+
     def act(self, plugin: str, action: str, host: str | None = None) -> str:
         """The PUBLIC action endpoint, served by the host's gate: operators, rules and schedules call it."""
         return f"{self.prefix}.act.{host or self.host}.{plugin}.{action}"

@@ -100,8 +100,11 @@ class PluginHost(Part):
         plugins: dict[str, tuple[Path, Manifest]],
         report: Report | None = None,
         publish: Publish | None = None,
+        handoff_timeout_s: Callable[[Manifest], float] | None = None,
     ):
         self.config = config
+        # How long each plugin waits for the gate to decide a proposal it hands over (none: it stores them).
+        self.handoff_timeout_s = handoff_timeout_s or (lambda manifest: 0.0)
         self.publish = publish
         self.url = url
         self.plugins = {
@@ -148,6 +151,7 @@ class PluginHost(Part):
             launch.LOG_LEVEL: self.config.log.level,
             launch.LOG_FORMAT: self.config.log.format,
             launch.PLUGIN: plugin.name,
+            launch.HANDOFF_TIMEOUT: f"{self.handoff_timeout_s(plugin.manifest):g}",
         })
         plan = plugin.plan
         if plan is not None and plan.account is not None:
@@ -368,3 +372,4 @@ class PluginHost(Part):
         except Exception as exc:  # reporting must never stop the supervision
             log.warning("plugin.report_failed", plugin=plugin.name, host=self.config.host_id, event=kind,
                         error=f"{type(exc).__name__}: {exc}")
+

@@ -39,6 +39,8 @@ import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
+from nats.errors import NoRespondersError as NatsNoResponders
+from nats.errors import TimeoutError as NatsTimeout
 from nats.micro import add_service
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 from nats.micro.service import EndpointStats, Service
@@ -68,6 +70,8 @@ from tuxpilot.sdk.settings import PluginProcessSettings, load_plugin_settings
 MAX_PARAMS_BYTES = 256 * 1024
 # Replies kept by action id, so a re-sent request is answered without running the action again.
 REMEMBERED_REPLIES = 10_000
+# After a handover the gate did not answer (none there, or not in time): proposals are stored for this long.
+HANDOFF_PAUSE_S = 5.0
 
 
 class ActionError(TuxPilotError):
@@ -327,6 +331,10 @@ class _Running:
     consumer: Durable | None = None
     stored: Publisher | None = None  # stores the proposals, once events are consumed
     counts: dict[str, dict[str, float]] = field(default_factory=dict)
+    # How long to wait for the gate to decide a proposal handed over by request (0: store every one), and
+    # until when not to try (the gate did not answer lately).
+    handoff_s: float = field(default_factory=lambda: _seconds(os.environ.get(launch.HANDOFF_TIMEOUT)))
+    handoff_paused_until: float = 0.0
     # By action id: the action it ran, and its reply (or the run still under way).
     replies: OrderedDict[str, tuple[str, asyncio.Future[tuple[bytes, dict[str, str] | None]]]] = field(
         default_factory=OrderedDict
@@ -446,12 +454,39 @@ class _Running:
         proposal = await self.plugin.propose_for(event, ctx)
         if proposal is None:
             return None
-        assert self.stored is not None  # made with the events consumer
-        await self.stored.publish(
-            self.subjects.proposal(self.plugin.name), proposal.to_json(), headers={MSG_ID_HEADER: proposal.id}
-        )
-        ctx.log.debug("plugin.proposed", actions=[a.action for a in proposal.actions], proposal_id=proposal.id)
+        body, headers = proposal.to_json(), {MSG_ID_HEADER: proposal.id}
+        handed = await self.hand_over(body, headers)
+        if not handed:
+            assert self.stored is not None  # made with the events consumer
+            await self.stored.publish(self.subjects.proposal(self.plugin.name), body, headers=headers)
+        ctx.log.debug("plugin.proposed", actions=[a.action for a in proposal.actions], proposal_id=proposal.id,
+                      handed=handed)
         return proposal
+
+    async def hand_over(self, body: bytes, headers: dict[str, str]) -> bool:
+        """Hand a proposal to the gate by request: True once the gate answers that it is decided (its
+        records stored). False when it cannot take it now (busy, the bus), does not answer in time or is
+        not there: then the proposal is stored, and the gate takes it from the stream."""
+        loop = asyncio.get_running_loop()
+        if self.handoff_s <= 0 or loop.time() < self.handoff_paused_until:
+            return False
+        try:
+            reply = await self.nc.request(self.subjects.handoff(self.plugin.name), body, timeout=self.handoff_s,
+                                          headers=headers)
+        except NatsNoResponders:  # no gate now (an agent restarting): stored, it is decided when it is back
+            self.handoff_paused_until = loop.time() + HANDOFF_PAUSE_S
+            return False
+        except NatsTimeout:  # a slow decision, or a subject this plugin may not publish on
+            self.handoff_paused_until = loop.time() + HANDOFF_PAUSE_S
+            self.log.warning("plugin.handoff_unanswered", timeout_s=self.handoff_s, paused_s=HANDOFF_PAUSE_S)
+            return False
+        except NatsError:
+            return False
+        try:
+            answer = json.loads(reply.data)
+        except ValueError:
+            return False
+        return isinstance(answer, dict) and isinstance(answer.get("decided"), int)
 
     # -- actions ---------------------------------------------------------------------------------
 
@@ -614,3 +649,11 @@ def load_plugin(folder: Path) -> Plugin:
     if len(found) != 1:
         raise ConfigError(f"{entry}: defines {len(found)} Plugin objects; exactly one is needed")
     return found[0]
+
+
+def _seconds(raw: str | None) -> float:
+    """A number of seconds from the environment; anything else is 0."""
+    try:
+        return max(0.0, float(raw or 0))
+    except ValueError:
+        return 0.0
