@@ -23,6 +23,7 @@ from tuxpilot.agent.gate import Gate
 from tuxpilot.agent.registry import Registry
 from tuxpilot.bus import connect as bus
 from tuxpilot.bus.server import NatsServer
+from tuxpilot.protocol import launch
 from tuxpilot.protocol.manifest import Manifest
 from tuxpilot.protocol.manifest import load as load_manifest
 from tuxpilot.protocol.models import Event, ProposedAction
@@ -83,6 +84,15 @@ async def publish_until_stored(nc: Client, subjects: Subjects, event: Event) -> 
             return attempts
         except Exception:
             await asyncio.sleep(0.1)
+
+
+@pytest.fixture(autouse=True, params=["stored", "handed"])
+def proposals_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every fault test twice: with plugins that store every proposal, and with plugins that hand their
+    proposals to the gate by request (what a plugin started by an agent's host does), storing one only
+    when the gate does not answer."""
+    monkeypatch.setenv(launch.HANDOFF_TIMEOUT, "0" if request.param == "stored" else "5")
+    return str(request.param)
 
 
 @pytest.fixture
