@@ -44,6 +44,14 @@ export class Subjects {
   }
 
   /**
+   * Where a plugin hands a proposal to the host's gate by request (core NATS), instead of storing it.
+   * @param {string} plugin
+   */
+  handoff(plugin) {
+    return `${this.prefix}.propose.${this.host}.${plugin}`;
+  }
+
+  /**
    * The private execution subject a plugin serves; only the agent may publish there.
    * @param {string} plugin
    * @param {string} action

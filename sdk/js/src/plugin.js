@@ -11,13 +11,13 @@
  * Actions are a NATS micro service named after the plugin, in a queue group of the same name, on
  * the private `<prefix>.exec.<host>.<plugin>.<action>` subjects that only the agent may publish to.
  * Events come from the durable consumer the agent created for the plugin; each is acked only once
- * its proposal is stored.
+ * its proposal is decided by the gate (handed over by request) or stored.
  * @module
  */
 
 import { randomBytes } from "node:crypto";
 import { userInfo } from "node:os";
-import { connect } from "@nats-io/transport-node";
+import { RequestError, TimeoutError, connect, headers } from "@nats-io/transport-node";
 import { jetstream } from "@nats-io/jetstream";
 import { Svcm } from "@nats-io/services";
 import {
@@ -33,6 +33,7 @@ import { Logger, levelOf } from "./log.js";
 import {
   ACTION_ID_HEADER,
   EVENT_ID_HEADER,
+  MSG_ID_HEADER,
   Subjects,
   pluginConsumerName,
   proposalId,
@@ -47,6 +48,8 @@ export const REMEMBERED_REPLIES = 10_000;
 export const MAX_ACTIONS_IN_FLIGHT = 64;
 const MAX_EVENT_BYTES = 1024 * 1024;
 const STOP_GRACE_MS = 5000;
+/** After a handover the gate did not answer (none there, or not in time): proposals are stored for this long. */
+export const HANDOFF_PAUSE_MS = 5000;
 
 /** @typedef {import("./settings.js").Manifest} Manifest */
 /** @typedef {import("./settings.js").Settings} Settings */
@@ -460,6 +463,8 @@ class Running {
     this.pulling = null;
     /** @type {((err: Error) => void) | null} called when serving failed for good */
     this.failed = null;
+    /** Until when (performance.now()) not to hand proposals over: the gate did not answer lately. */
+    this.handoffPausedUntil = 0;
   }
 
   /**
@@ -584,7 +589,7 @@ class Running {
   }
 
   /**
-   * Ack after the proposal is stored; a failing handler naks with the configured backoff; garbage is terminated.
+   * Ack once the proposal is decided (handed over) or stored; a failing handler naks with the configured backoff; garbage is terminated.
    * @param {import("@nats-io/jetstream").JsMsg} msg
    */
   async onEvent(msg) {
@@ -618,9 +623,10 @@ class Running {
   }
 
   /**
-   * Run the matching handlers and publish their proposed actions as one proposal, whose id (derived
-   * from the event and the plugin) is its JetStream message id: a redelivered event's proposal is
-   * stored once. A failing handler throws.
+   * Run the matching handlers and make their proposed actions one proposal, whose id (derived from
+   * the event and the plugin) is its JetStream message id: a redelivered event's proposal is stored
+   * once. It is handed to the gate by request first when the host allows it, and stored when the
+   * gate does not take it. A failing handler throws.
    * @param {Event} event
    */
   async handleEvent(event) {
@@ -642,12 +648,55 @@ class Running {
       event,
       actions,
     };
-    await this.js.publish(this.subjects.proposal(this.plugin.name), JSON.stringify(proposal), {
-      msgID: proposal.id,
-      timeout: this.settings.requestTimeoutMs,
-    });
-    ctx.log.debug("plugin.proposed", { actions: actions.map((a) => a.action), proposal_id: proposal.id });
+    const body = JSON.stringify(proposal);
+    const handed = await this.handOver(body, proposal.id);
+    if (!handed) {
+      await this.js.publish(this.subjects.proposal(this.plugin.name), body, {
+        msgID: proposal.id,
+        timeout: this.settings.requestTimeoutMs,
+      });
+    }
+    ctx.log.debug("plugin.proposed", { actions: actions.map((a) => a.action), proposal_id: proposal.id, handed });
     return proposal;
+  }
+
+  /**
+   * Hand a proposal to the gate by request: true once the gate answers that it is decided (its
+   * records stored). False when it cannot take it now (busy, the bus), does not answer in time or is
+   * not there: then the proposal is stored, and the gate takes it from the stream.
+   * @param {string} body the proposal document
+   * @param {string} id the proposal id, its `Nats-Msg-Id` as when stored
+   * @returns {Promise<boolean>}
+   */
+  async handOver(body, id) {
+    const timeoutMs = this.settings.handoffTimeoutMs;
+    if (!(timeoutMs > 0) || performance.now() < this.handoffPausedUntil) return false;
+    const hdrs = headers();
+    hdrs.set(MSG_ID_HEADER, id);
+    let reply;
+    try {
+      reply = await this.nc.request(this.subjects.handoff(this.plugin.name), body, {
+        timeout: Math.max(1, Math.ceil(timeoutMs)),
+        headers: hdrs,
+      });
+    } catch (err) {
+      if (err instanceof RequestError && err.isNoResponders()) {
+        // No gate now (an agent restarting): stored, it is decided when it is back.
+        this.handoffPausedUntil = performance.now() + HANDOFF_PAUSE_MS;
+      } else if (err instanceof TimeoutError) {
+        // A slow decision, or a subject this plugin may not publish on.
+        this.handoffPausedUntil = performance.now() + HANDOFF_PAUSE_MS;
+        this.log.warning("plugin.handoff_unanswered", { timeout_s: timeoutMs / 1000, paused_s: HANDOFF_PAUSE_MS / 1000 });
+      }
+      return false;
+    }
+    let answer;
+    try {
+      answer = JSON.parse(new TextDecoder().decode(reply.data));
+    } catch {
+      return false;
+    }
+    return answer !== null && typeof answer === "object" && !Array.isArray(answer) && Number.isInteger(answer.decided);
   }
 
   // -- actions ------------------------------------------------------------------------------------

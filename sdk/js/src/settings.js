@@ -45,6 +45,8 @@ import { MANIFEST_ENV } from "./names.js";
  * @property {number} reconnectWaitMs
  * @property {number} maxReconnectAttempts
  * @property {number} requestTimeoutMs
+ * @property {number} handoffTimeoutMs how long to wait for the gate to decide a proposal handed over by
+ *   request; 0: never hand over, store every proposal
  * @property {string} hostId
  * @property {string} subjectPrefix
  * @property {number[]} backoffS redelivery delays after failures
@@ -77,6 +79,17 @@ function number(env, name, fallback) {
   const value = Number(raw);
   if (!Number.isFinite(value)) throw new ConfigError(`${name}=${raw} is not a number`);
   return value;
+}
+
+/**
+ * A number of seconds from the environment as milliseconds; anything else (unset, not a number,
+ * negative) is 0, as the Python SDK reads it.
+ * @param {Record<string, string | undefined>} env
+ * @param {string} name
+ */
+function seconds(env, name) {
+  const value = Number(env[name] || 0);
+  return Number.isFinite(value) && value > 0 ? value * 1000 : 0;
 }
 
 /** The short host name made a subject token, as the Python side's default host id. */
@@ -147,6 +160,7 @@ export function settingsFromEnv(plugin, env = process.env) {
     reconnectWaitMs: number(env, "TUXPILOT_NATS_RECONNECT_WAIT_S", 1) * 1000,
     maxReconnectAttempts: number(env, "TUXPILOT_NATS_MAX_RECONNECT_ATTEMPTS", -1),
     requestTimeoutMs: number(env, "TUXPILOT_NATS_REQUEST_TIMEOUT_S", 5) * 1000,
+    handoffTimeoutMs: seconds(env, "TUXPILOT_HANDOFF_TIMEOUT_S"),
     hostId: env.TUXPILOT_HOST_ID || defaultHostId(),
     subjectPrefix: env.TUXPILOT_SUBJECT_PREFIX || "tuxpilot",
     backoffS: Array.isArray(backoff) ? backoff.map(Number) : [1, 5, 15, 30],
