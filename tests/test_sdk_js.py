@@ -10,13 +10,16 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from tuxpilot.agent.config import load_config
+from tuxpilot.agent.gate import Gate
+from tuxpilot.agent.registry import Registry
 from tuxpilot.bus import streams
 from tuxpilot.bus.connect import publish_event
 from tuxpilot.bus.server import NatsServer
@@ -45,7 +48,7 @@ def need_sdk() -> None:
 class JsPlugin:
     """The jsdemo plugin as a node process, with its log lines."""
 
-    def __init__(self, server: NatsServer, tmp: Path):
+    def __init__(self, server: NatsServer, tmp: Path, extra: dict[str, str] | None = None):
         manifest = load_manifest(FOLDER)
         env = {
             "PATH": os.environ.get("PATH", ""),
@@ -54,6 +57,7 @@ class JsPlugin:
             "TUXPILOT_LOG_LEVEL": "debug",
             "TUXPILOT_STREAMS_BACKOFF_S": json.dumps(STREAMS.backoff_s),
             **javascript.environment(manifest),
+            **(extra or {}),
         }
         self.log_path = tmp / "jsdemo.log"
         self.log_file = self.log_path.open("wb")
@@ -78,19 +82,36 @@ class JsPlugin:
         return code
 
 
+Launch = Callable[..., Awaitable[JsPlugin]]
+
+
 @pytest.fixture
-async def plugin(nats_server: NatsServer, nc: Client, tmp_path: Path) -> AsyncIterator[JsPlugin]:
+async def launch(nats_server: NatsServer, nc: Client, tmp_path: Path) -> AsyncIterator[Launch]:
+    """Starts jsdemo with extra launch variables (as the host adds them), once it has logged that it started."""
     need_sdk()
     js = nc.jetstream()
     # What the agent does before it starts a plugin: the streams, and the plugin's durable consumer.
     await streams.ensure_streams(js, SUBJECTS, STREAMS)
     await streams.create_plugin_consumer(js, load_manifest(FOLDER), SUBJECTS, STREAMS)
-    proc = JsPlugin(nats_server, tmp_path)
-    try:
+    started: list[JsPlugin] = []
+
+    async def start(**extra: str) -> JsPlugin:
+        proc = JsPlugin(nats_server, tmp_path, extra)
+        started.append(proc)
         await until(lambda: any(x.get("event") == "plugin.started" for x in proc.lines()), 20, "plugin.started")
-        yield proc
+        return proc
+
+    try:
+        yield start
     finally:
-        proc.stop()
+        for proc in started:
+            proc.stop()
+
+
+@pytest.fixture
+async def plugin(launch: Launch) -> JsPlugin:
+    """jsdemo as a host starts it with `gate.handoff = false`: no handover timeout, every proposal stored."""
+    return await launch()
 
 
 async def call(nc: Client, action: str, body: bytes | str = b"", action_id: str | None = "a-1") -> Msg:
@@ -199,7 +220,73 @@ async def consumer_idle(nc: Client) -> bool:
     return ci.num_pending == 0 and ci.num_ack_pending == 0
 
 
+class Handed:
+    """Every proposal jsdemo hands over by request, as a bystander beside the gate sees it (a plain
+    subscription, outside the gate's queue group: it gets a copy and never answers)."""
+
+    def __init__(self) -> None:
+        self.msgs: list[Msg] = []
+
+    async def watch(self, nc: Client) -> Handed:
+        async def seen(msg: Msg) -> None:
+            self.msgs.append(msg)
+
+        await nc.subscribe(SUBJECTS.handoff("jsdemo"), cb=seen)
+        await nc.flush()
+        return self
+
+    def ids(self) -> list[str]:
+        return [json.loads(m.data)["id"] for m in self.msgs]
+
+
+@contextlib.asynccontextmanager
+async def gate(nc: Client, server: NatsServer, tmp: Path) -> AsyncIterator[list[dict[str, Any]]]:
+    """The host's real gate for jsdemo, yielding the audit records it publishes."""
+    config = load_config(environ={"TUXPILOT_NATS_URL": server.url, "TUXPILOT_HOST_ID": HOST,
+                                  "TUXPILOT_STATE_DIR": str(tmp / "gate-state")})
+    config.streams = STREAMS
+    records: list[dict[str, Any]] = []
+
+    async def recorded(msg: Msg) -> None:
+        records.append(json.loads(msg.data))
+
+    sub = await nc.subscribe(SUBJECTS.results(HOST), cb=recorded)
+    registry = Registry(nc, SUBJECTS, {"jsdemo": load_manifest(FOLDER)})
+    await registry.start()
+    the_gate = Gate(nc, config, registry)
+    await the_gate.start()
+    try:
+        yield records
+    finally:
+        await the_gate.stop()
+        await registry.stop()
+        await sub.unsubscribe()
+
+
+async def settle(nc: Client, done: Callable[[], bool] = lambda: True) -> None:
+    """Until jsdemo acked every event and `done()` holds."""
+    for _ in range(150):
+        if done() and await consumer_idle(nc):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("jsdemo did not settle")
+
+
+def proposal_for(event: Event) -> dict[str, Any]:
+    return {
+        "id": f"{event.id}-jsdemo", "event_id": event.id, "plugin": "jsdemo",
+        "actions": [{"plugin": "jsdemo", "action": "echo", "params": {"text": f"seen {event.id}"},
+                     "reason": "demo", "resource": "/srv"}],
+    }
+
+
+def decided(records: list[dict[str, Any]], event: Event) -> list[dict[str, Any]]:
+    return [r for r in records if r.get("proposal_id") == f"{event.id}-jsdemo"]
+
+
 async def test_an_event_becomes_one_proposal_even_when_delivered_twice(plugin: JsPlugin, nc: Client) -> None:
+    # No handover timeout (the host's `gate.handoff = false`): stored, even with a gate listening.
+    handed = await Handed().watch(nc)
     event = Event.new("demo.propose", HOST, resource="/srv")
     await publish_event(nc, SUBJECTS, event)
     # The same event stored again (as a redelivery would bring it): the same proposal id, stored once.
@@ -217,13 +304,103 @@ async def test_an_event_becomes_one_proposal_even_when_delivered_twice(plugin: J
     assert len(found) == 1, found
     proposal = found[0]
     assert proposal["subject"] == f"tuxpilot.proposal.{HOST}.jsdemo"
-    assert proposal["id"] == proposal["id"] == f"{event.id}-jsdemo"
-    assert proposal["event_id"] == event.id and proposal["plugin"] == "jsdemo"
-    params = {"text": f"seen {event.id}"}
-    assert proposal["actions"] == [
-        {"plugin": "jsdemo", "action": "echo", "params": params, "reason": "demo", "resource": "/srv"}
-    ]
+    assert proposal["id"] == f"{event.id}-jsdemo"
+    assert {k: proposal[k] for k in proposal_for(event)} == proposal_for(event)
     assert proposal["event"]["id"] == event.id
+    assert not handed.msgs
+
+
+async def test_with_a_handover_timeout_a_proposal_goes_to_the_gate_by_request_and_is_not_stored(
+    launch: Launch, nc: Client, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    handed = await Handed().watch(nc)
+    async with gate(nc, nats_server, tmp_path) as records:
+        plugin = await launch(TUXPILOT_HANDOFF_TIMEOUT_S="3")
+        event = Event.new("demo.propose", HOST, resource="/srv")
+        await publish_event(nc, SUBJECTS, event)
+        await settle(nc, lambda: bool(decided(records, event)))
+        # Redelivered (stored again under another message id): handed over again, decided once.
+        await nc.jetstream().publish(SUBJECTS.event(event.type), event.to_json(), headers={"Nats-Msg-Id": "again"})
+        await settle(nc, lambda: len(handed.msgs) == 2)
+        await asyncio.sleep(0.3)  # a second decision would show up now
+    assert handed.ids() == [f"{event.id}-jsdemo"] * 2
+    msg = handed.msgs[0]
+    assert msg.subject == f"tuxpilot.propose.{HOST}.jsdemo"
+    assert (msg.headers or {}).get("Nats-Msg-Id") == f"{event.id}-jsdemo"
+    doc = json.loads(msg.data)
+    assert {k: doc[k] for k in proposal_for(event)} == proposal_for(event) and doc["event"]["id"] == event.id
+    [record] = decided(records, event)
+    assert record["plugin"] == "jsdemo" and record["action"] == "echo" and record["status"] == "ok", record
+    assert not await proposals(nc), "decided by request: nothing stored"
+    said = [x for x in plugin.lines() if x.get("event") == "plugin.proposed"]
+    assert [x["handed"] for x in said] == [True, True]
+
+
+async def test_with_no_gate_the_proposal_is_stored_and_none_handed_over_for_five_seconds(
+    launch: Launch, nc: Client, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    plugin = await launch(TUXPILOT_HANDOFF_TIMEOUT_S="3")
+    first = Event.new("demo.propose", HOST, resource="/srv")
+    asked_at = asyncio.get_running_loop().time()
+    await publish_event(nc, SUBJECTS, first)  # nobody subscribes the handover subject: no responders, stored
+    await settle(nc)
+    assert [p["id"] for p in await proposals(nc)] == [f"{first.id}-jsdemo"]
+    handed = await Handed().watch(nc)
+    async with gate(nc, nats_server, tmp_path) as records:
+        second = Event.new("demo.propose", HOST, resource="/srv")
+        await publish_event(nc, SUBJECTS, second)  # a gate is back, but the plugin does not ask yet: stored
+        await settle(nc, lambda: bool(decided(records, second)))
+        assert asyncio.get_running_loop().time() - asked_at < 5, "too slow to see the pause"
+        assert [p["id"] for p in await proposals(nc)] == [f"{first.id}-jsdemo", f"{second.id}-jsdemo"]
+        await asyncio.sleep(max(0.0, asked_at + 5.2 - asyncio.get_running_loop().time()))
+        third = Event.new("demo.propose", HOST, resource="/srv")
+        await publish_event(nc, SUBJECTS, third)  # the pause is over: handed over
+        await settle(nc, lambda: bool(decided(records, third)))
+    assert handed.ids() == [f"{third.id}-jsdemo"]
+    assert len(await proposals(nc)) == 2
+    said = [x for x in plugin.lines() if x.get("event") == "plugin.proposed"]
+    assert [x["handed"] for x in said] == [False, False, True]
+    assert not [x for x in plugin.lines() if x.get("event") == "plugin.handoff_unanswered"], "no responders: no wait"
+
+
+async def test_a_gate_that_says_retry_gets_the_proposal_stored_and_is_asked_again(
+    launch: Launch, nc: Client
+) -> None:
+    asked: list[Msg] = []
+
+    async def busy(msg: Msg) -> None:
+        asked.append(msg)
+        await msg.respond(b'{"retry": "busy"}' if len(asked) == 1 else b"not json")
+
+    await nc.subscribe(SUBJECTS.handoff("jsdemo"), queue=f"tuxpilot-gate-{HOST}", cb=busy)
+    await launch(TUXPILOT_HANDOFF_TIMEOUT_S="3")
+    events = [Event.new("demo.propose", HOST, resource="/srv") for _ in range(2)]
+    for event in events:
+        await publish_event(nc, SUBJECTS, event)
+        await settle(nc)
+    # Each answered, neither decided: both stored, and the second asked at once (an answer is no pause).
+    assert len(asked) == 2
+    assert [p["id"] for p in await proposals(nc)] == [f"{e.id}-jsdemo" for e in events]
+
+
+async def test_a_gate_that_does_not_answer_in_time_gets_the_proposal_stored_and_logged(
+    launch: Launch, nc: Client
+) -> None:
+    asked: list[Msg] = []
+
+    async def silent(msg: Msg) -> None:  # takes the request, never answers (a slow decision)
+        asked.append(msg)
+
+    await nc.subscribe(SUBJECTS.handoff("jsdemo"), queue=f"tuxpilot-gate-{HOST}", cb=silent)
+    plugin = await launch(TUXPILOT_HANDOFF_TIMEOUT_S="0.5")
+    events = [Event.new("demo.propose", HOST, resource="/srv") for _ in range(2)]
+    for event in events:
+        await publish_event(nc, SUBJECTS, event)
+        await settle(nc)
+    assert len(asked) == 1, "paused after the timeout: the second is stored without asking"
+    assert [p["id"] for p in await proposals(nc)] == [f"{e.id}-jsdemo" for e in events]
+    [warned] = [x for x in plugin.lines() if x.get("event") == "plugin.handoff_unanswered"]
+    assert warned["level"] == "warning" and warned["timeout_s"] == 0.5 and warned["paused_s"] == 5
 
 
 async def test_a_failing_handler_is_naked_with_the_backoff_until_max_deliver(plugin: JsPlugin, nc: Client) -> None:
