@@ -470,9 +470,9 @@ class _Running:
         loop = asyncio.get_running_loop()
         if self.handoff_s <= 0 or loop.time() < self.handoff_paused_until:
             return False
+        assert self.stored is not None  # made with the events consumer; its inbox takes the answers too
         try:
-            reply = await self.nc.request(self.subjects.handoff(self.plugin.name), body, timeout=self.handoff_s,
-                                          headers=headers)
+            reply = await self.stored.request(self.subjects.handoff(self.plugin.name), body, headers, self.handoff_s)
         except NatsNoResponders:  # no gate now (an agent restarting): stored, it is decided when it is back
             self.handoff_paused_until = loop.time() + HANDOFF_PAUSE_S
             return False
